@@ -1,0 +1,1 @@
+"""The hospital side: the Flower ClientApp and the site's local state."""

@@ -1,0 +1,133 @@
+"""A hospital's local work: its data, its model copy, its privacy accountant on its own disk.
+
+Flower builds a new ClientApp for every message, so nothing here lives in module
+globals except a cache of decoded images (an optimisation: losing it costs time,
+not correctness). Everything that must persist between rounds is in `state_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from torch.utils.data import DataLoader, TensorDataset
+
+from common import privacy, training
+from common.config import RunConfig, SiteConfig
+from common.data import cache, dicom, sources, split
+from common.errors import DataError
+from common.models import build_model
+from common.weights import load_record, to_record
+
+log = logging.getLogger(__name__)
+_MEMO: dict[str, tuple[TensorDataset, TensorDataset]] = {}
+_MEMO_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Site:
+    run: RunConfig
+    config: SiteConfig
+    index: int = 0  # partition id in simulation: seeds this site's randomness
+
+    @property
+    def device(self) -> torch.device:
+        return training.pick_device(self.config.device)
+
+    def data(self) -> tuple[TensorDataset, TensorDataset]:
+        """(train, validation) tensors, decoded once and cached on the site's disk."""
+        root = Path(self.config.data_path)
+        examples = sources.dicom_folder(root)
+        params = {"decoder": "dicom", "image_size": self.run.image_size}
+        key = f"{root.resolve()}|{cache.cache_key(examples, root, params)}|{self.run.val_fraction}|{self.run.seed}"
+        if key not in _MEMO:
+            decoded = cache.load_or_decode(
+                examples, root, Path(self.config.state_dir) / "cache", params,
+                partial(dicom.decode, size=self.run.image_size),
+            )
+            if decoded.labels.max() >= self.run.num_classes:
+                raise DataError(
+                    f"{root / sources.MANIFEST}: label {int(decoded.labels.max())} is outside "
+                    f"num-classes = {self.run.num_classes}: fix the manifest or the run's num-classes"
+                )
+            val = split.validation_mask(decoded.names, self.run.val_fraction, self.run.seed)
+            images = torch.from_numpy(decoded.images.astype("float32")).unsqueeze(1)
+            labels = torch.from_numpy(decoded.labels)
+            if len(_MEMO) >= _MEMO_SIZE:
+                _MEMO.pop(next(iter(_MEMO)))
+            _MEMO[key] = (TensorDataset(images[~val], labels[~val]), TensorDataset(images[val], labels[val]))
+        return _MEMO[key]
+
+    def model(self, arrays: ArrayRecord) -> torch.nn.Module:
+        model = build_model(self.run.task, self.run.model, 1, self.run.num_classes, self.run.image_size)
+        load_record(model, arrays)
+        return model.to(self.device)
+
+    def _generator(self, server_round: int) -> torch.Generator:
+        seed = (self.run.seed * 1_000_003 + server_round * 1_009 + self.index) % 2**63
+        torch.manual_seed(seed)
+        return torch.Generator().manual_seed(seed)
+
+    def train(self, arrays: ArrayRecord, server_round: int, run_id: str) -> tuple[ArrayRecord, dict[str, Any]]:
+        """One round of local training; returns new weights and aggregate metrics only."""
+        self._set_threads()
+        train_set, _ = self.data()
+        if len(train_set) == 0:
+            raise DataError("the training split is empty: add images or lower val-fraction")
+        generator = self._generator(server_round)
+        model = self.model(arrays)
+        loader = DataLoader(train_set, batch_size=self.run.batch_size, shuffle=True, generator=generator)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.run.learning_rate, momentum=self.run.momentum)
+        metrics: dict[str, Any] = {"num-examples": len(train_set)}
+        if not self.run.dp_enabled:
+            metrics["train-loss"] = training.train(model, loader, optimizer, self.run.local_epochs, self.device)
+            return to_record(model), metrics
+
+        dp = privacy.plan(
+            self.run.dp_target_epsilon, self.run.dp_target_delta, len(train_set), self.run.batch_size,
+            self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm,
+        )
+        store = privacy.AccountantStore(Path(self.config.state_dir))
+        engine, module, optimizer, loader = privacy.make_private(
+            model, optimizer, loader, dp, store.history(run_id)
+        )
+        metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device)
+        history = engine.accountant.history
+        store.save(run_id, history, dp.delta)
+        metrics["epsilon"] = privacy.epsilon(history, dp.delta)
+        metrics["noise-multiplier"] = dp.noise_multiplier
+        return to_record(model), metrics
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """The global model on this site's held-out split: aggregate metrics only."""
+        self._set_threads()
+        _, val_set = self.data()
+        loader = DataLoader(val_set, batch_size=256)
+        result = training.evaluate(self.model(arrays), loader, self.device)
+        return {
+            "num-examples": result.num_examples,
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+            # AUC is undefined on a single-class split: send 0 with zero weight
+            "auc": result.auc if result.auc is not None else 0.0,
+            "auc-weight": result.num_examples if result.auc is not None else 0,
+        }
+
+    def _set_threads(self) -> None:
+        if self.run.client_threads > 0:
+            torch.set_num_threads(self.run.client_threads)
+
+
+def site_from_context(run: RunConfig, node_config: Mapping[str, Any]) -> Site:
+    """Simulation gives only a partition id: derive the paths; deployment names them."""
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        config = SiteConfig(str(run.site_data_path(pid)), str(run.site_state_dir(pid)), "auto")
+        return Site(run, config, pid)
+    return Site(run, SiteConfig.from_mapping(node_config))

@@ -1,0 +1,1 @@
+"""Code shared by the server, the client and the simulation: it imports none of them."""

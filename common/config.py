@@ -1,0 +1,155 @@
+"""Run and site settings, parsed once at the edge into frozen dataclasses.
+
+Flower hands the apps `context.run_config` / `context.node_config` as flat dicts
+with kebab-case keys; the CLI builds the same keys. Everything below the edge
+receives a `RunConfig` or `SiteConfig`, never a dict or an argparse Namespace.
+The defaults here equal `[tool.flwr.app.config]` in pyproject.toml (a test checks it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+TASKS = ("classification",)
+STRATEGIES = ("fedavg",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _fraction(v: float) -> bool:
+    return 0 < v <= 1
+
+
+def _open_unit(v: float) -> bool:
+    return 0 < v < 1
+
+
+def _spec(default: Any, check: Callable[[Any], bool] | None = None, accepted: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "accepted": accepted})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run: the same object on the server, every site and the CLI."""
+
+    num_server_rounds: int = _spec(5, lambda v: v >= 1, "an integer >= 1")
+    task: str = _spec("classification", lambda v: v in TASKS, " | ".join(TASKS))
+    model: str = _spec("cnn")  # checked against the model registry by the caller
+    image_size: int = _spec(64, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]")
+    num_classes: int = _spec(2, lambda v: v >= 2, "an integer >= 2")
+    strategy: str = _spec("fedavg", lambda v: v in STRATEGIES, " | ".join(STRATEGIES))
+    fraction_train: float = _spec(1.0, _fraction, "a number in (0, 1]")
+    fraction_evaluate: float = _spec(1.0, _fraction, "a number in (0, 1]")
+    min_available_sites: int = _spec(2, lambda v: v >= 1, "an integer >= 1")
+    round_timeout: float = _spec(600.0, _positive, "seconds > 0")
+    local_epochs: int = _spec(2, lambda v: v >= 1, "an integer >= 1")
+    batch_size: int = _spec(32, lambda v: v >= 1, "an integer >= 1")
+    learning_rate: float = _spec(0.1, _positive, "a number > 0")
+    momentum: float = _spec(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    dp_enabled: bool = _spec(True)
+    dp_target_epsilon: float = _spec(8.0, _positive, "a number > 0")
+    dp_target_delta: float = _spec(1e-4, _open_unit, "a number in (0, 1)")
+    dp_max_grad_norm: float = _spec(1.0, _positive, "a number > 0")
+    val_fraction: float = _spec(0.2, _open_unit, "a number in (0, 1)")
+    seed: int = _spec(0)
+    data_root: str = _spec("runs/demo/hospitals")
+    state_root: str = _spec("runs/demo/sites")
+    out_dir: str = _spec("runs/demo")
+    client_threads: int = _spec(1, lambda v: v >= 0, "an integer >= 0 (0: torch's default)")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run_config (kebab-case keys); unknown keys are errors."""
+        return _parse(cls, values)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case dict Flower and `--run-config` speak."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def site_data_path(self, partition_id: int) -> Path:
+        """Simulation only: Flower gives virtual sites no paths, so derive them."""
+        return Path(self.data_root) / site_name(partition_id)
+
+    def site_state_dir(self, partition_id: int) -> Path:
+        return Path(self.state_root) / site_name(partition_id)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's own settings: where its data and state live, which device it trains on."""
+
+    data_path: str = _spec("")
+    state_dir: str = _spec("")
+    device: str = _spec("auto", lambda v: v in DEVICES, " | ".join(DEVICES))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SiteConfig:
+        site = _parse(cls, values)
+        if not site.data_path:
+            raise ConfigError("site setting 'data-path' is missing: pass the hospital's data folder")
+        if not site.state_dir:
+            raise ConfigError("site setting 'state-dir' is missing: pass a folder for the site's state")
+        return site
+
+
+def site_name(partition_id: int) -> str:
+    return f"site-{partition_id:03d}"
+
+
+def _parse(cls: type, values: Mapping[str, Any]) -> Any:
+    specs = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        name = key.replace("-", "_")
+        if name not in specs:
+            known = [n.replace("_", "-") for n in specs]
+            hint = difflib.get_close_matches(key, known, n=1)
+            tip = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown setting '{key}'{tip}")
+        kwargs[name] = _coerce(key, raw, specs[name])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, raw: Any, spec: Any) -> Any:
+    kind = type(spec.default)
+    accepted = spec.metadata.get("accepted") or kind.__name__
+    try:
+        value = _convert(raw, kind)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting '{key}' = {raw!r} is not valid: expected {accepted}") from None
+    check = spec.metadata.get("check")
+    if check is not None and not check(value):
+        raise ConfigError(f"setting '{key}' = {raw!r} is out of range: expected {accepted}")
+    return value
+
+
+def _convert(raw: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(raw)
+        return int(raw)
+    if kind is float:
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError(raw)
+        return value
+    return str(raw)

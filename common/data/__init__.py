@@ -1,0 +1,1 @@
+"""Turning a site's files into tensors: decode, sources, synthetic hospitals, cache, splits."""

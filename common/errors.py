@@ -1,0 +1,21 @@
+"""fedhosp's exceptions: each message says what went wrong and what to do about it.
+
+The CLI prints `error: <message>` for any FedhospError and exits non-zero, so a
+message must stand on its own in one line.
+"""
+
+
+class FedhospError(Exception):
+    """Base class: an error the user can fix, reported without a traceback."""
+
+
+class ConfigError(FedhospError, ValueError):
+    """A run or site setting is unknown, missing or out of range."""
+
+
+class DataError(FedhospError):
+    """A site's data folder, manifest or image cannot be used."""
+
+
+class PrivacyBudgetExceeded(FedhospError):
+    """A site would spend more privacy budget than its policy allows."""

@@ -1,0 +1,35 @@
+"""The model registry: every model a run can name, built the same way on server and sites."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from common.errors import ConfigError
+from common.models.cnn import SmallCNN
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    task: str
+    build: Callable[[int, int, int], nn.Module]  # (in_channels, num_classes, image_size)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "cnn": ModelSpec("classification", lambda c, k, _size: SmallCNN(c, k)),
+}
+
+
+def build_model(
+    task: str, name: str, in_channels: int = 1, num_classes: int = 2, image_size: int = 64
+) -> nn.Module:
+    """Build a registry model; a name that does not exist or does not fit the task is a ConfigError."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown model '{name}': choose one of {', '.join(sorted(REGISTRY))}")
+    if spec.task != task:
+        names = ", ".join(n for n, s in REGISTRY.items() if s.task == task) or "none yet"
+        raise ConfigError(f"model '{name}' is for {spec.task}, not {task}: choose one of {names}")
+    return spec.build(in_channels, num_classes, image_size)

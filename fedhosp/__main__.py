@@ -1,0 +1,3 @@
+from fedhosp.cli import main
+
+raise SystemExit(main())

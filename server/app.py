@@ -1,0 +1,140 @@
+"""The Flower ServerApp: parse the run's config once, run the rounds, checkpoint each one.
+
+The round loop is ours rather than `Strategy.start`, for three reasons: a run log
+line and a checkpoint after every round (so a crash loses no finished round), one
+progress line per round, and a clear stop when every site fails. The strategy
+still does all sampling and aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from common.config import RunConfig
+from common.errors import FedhospError
+from common.logs import ensure_console
+from common.models import build_model
+from common.weights import plain_state_dict
+from server import checkpoint, runlog
+from server.strategies import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    server_round: int
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    sites_ok: int = 0
+    sites_failed: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.server_round,
+            "train": self.train,
+            "evaluate": self.evaluate,
+            "sites_ok": self.sites_ok,
+            "sites_failed": self.sites_failed,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose settings are Flower's run_config with `overrides` on top.
+
+    `flwr run .` uses `app` (no overrides); `fedhosp simulate` passes its settings
+    here because Flower's Python simulation entry point hands apps an empty run_config.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        ensure_console()
+        cfg = RunConfig.from_mapping({**context.run_config, **(overrides or {})})
+        run(grid, cfg, str(context.run_id))
+
+    return server_app
+
+
+app = make_app()
+
+
+def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
+    """Train `cfg.num_server_rounds` rounds; return the path of the final model file."""
+    out = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.task, cfg.model, 1, cfg.num_classes, cfg.image_size)
+    arrays = ArrayRecord(torch_state_dict=plain_state_dict(model))
+    strategy = build_strategy(cfg)
+    log_path = out / runlog.RUN_LOG
+    runlog.start(log_path)
+    log.info("run %s: %d rounds of %s on %s, DP %s", run_id, cfg.num_server_rounds, cfg.strategy,
+             cfg.model, f"target ε={cfg.dp_target_epsilon:g}" if cfg.dp_enabled else "off")
+    started = time.monotonic()
+    result = RoundResult(0)
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        arrays, result = play_round(grid, strategy, arrays, cfg, server_round)
+        runlog.append(log_path, result.to_json())
+        checkpoint.save(out / checkpoint.LAST, arrays.to_torch_state_dict(), cfg.to_mapping(),
+                        server_round, result.to_json())
+        log.info(progress_line(result, cfg.num_server_rounds, time.monotonic() - started))
+    model_path = out / checkpoint.MODEL
+    checkpoint.save(model_path, arrays.to_torch_state_dict(), cfg.to_mapping(),
+                    cfg.num_server_rounds, result.to_json())
+    log.info("global model: %s", model_path)
+    return model_path
+
+
+def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConfig,
+               server_round: int) -> tuple[ArrayRecord, RoundResult]:
+    started = time.monotonic()
+    result = RoundResult(server_round)
+    config = ConfigRecord(cfg.to_mapping())
+    replies = _send(grid, strategy.configure_train(server_round, arrays, config, grid), cfg)
+    result.sites_ok = sum(not m.has_error() for m in replies)
+    result.sites_failed = len(replies) - result.sites_ok
+    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    if new_arrays is None:
+        reasons = sorted({m.error.reason for m in replies if m.has_error()})
+        raise FedhospError(
+            f"round {server_round}: no site returned an update ({result.sites_failed} failed: "
+            f"{'; '.join(reasons) or 'no reply in time'}); check the sites' logs"
+        )
+    arrays = new_arrays
+    result.train = dict(train_metrics or {})
+    replies = _send(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(cfg.to_mapping()), grid), cfg)
+    result.evaluate = dict(strategy.aggregate_evaluate(server_round, replies) or {})
+    result.seconds = time.monotonic() - started
+    return arrays, result
+
+
+def _send(grid: Grid, messages, cfg: RunConfig) -> list[Message]:
+    return list(grid.send_and_receive(messages=messages, timeout=cfg.round_timeout))
+
+
+def progress_line(result: RoundResult, rounds: int, elapsed: float) -> str:
+    ev, tr = result.evaluate, result.train
+    eta = elapsed / result.server_round * (rounds - result.server_round)
+    parts = [
+        f"round {result.server_round}/{rounds}",
+        f"loss {ev.get('loss', float('nan')):.4f}",
+        f"acc {ev.get('accuracy', float('nan')):.3f}",
+        f"auc {ev.get('auc', float('nan')):.3f}",
+    ]
+    if "epsilon-max" in tr:
+        parts.append(f"eps_max {tr['epsilon-max']:.2f}")
+    parts += [f"sites {result.sites_ok}/{result.sites_ok + result.sites_failed}",
+              f"{elapsed:.0f}s elapsed, eta {eta:.0f}s"]
+    return " | ".join(parts)

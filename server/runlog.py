@@ -1,0 +1,28 @@
+"""The run log: one JSON line per finished round, appended and flushed as the round ends."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+RUN_LOG = "runlog.jsonl"
+
+
+def start(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+
+def append(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,1 @@
+"""Many virtual hospitals on one machine, through Flower's simulation engine."""

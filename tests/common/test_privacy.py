@@ -1,0 +1,97 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.site import Site
+from common import privacy
+from common.config import RunConfig, SiteConfig
+from common.errors import ConfigError
+from common.models import build_model
+from common.weights import to_record
+
+
+def _batch(n=6, size=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, size, size, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def _dp_step(model, x, y, clip, lr):
+    dp = privacy.DPPlan(noise_multiplier=0.0, sample_rate=1.0, max_grad_norm=clip, delta=1e-5, planned_steps=1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
+    _, module, optimizer, _ = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=lr), loader, dp, [])
+    optimizer.zero_grad()
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_no_noise_and_no_clipping_equals_plain_sgd():
+    torch.manual_seed(0)
+    model = build_model("classification", "cnn")
+    plain = copy.deepcopy(model)
+    x, y = _batch()
+    _dp_step(model, x, y, clip=1e6, lr=0.1)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    F.cross_entropy(plain(x), y).backward()
+    opt.step()
+    assert torch.allclose(_flat(model), _flat(plain), atol=1e-6)
+
+
+def test_each_per_sample_gradient_is_clipped():
+    torch.manual_seed(0)
+    model = build_model("classification", "cnn")
+    reference = copy.deepcopy(model)
+    x, y = _batch()
+    clip, lr = 1e-3, 1.0
+    clipped, norms = [], []
+    for i in range(len(y)):  # per-sample gradients by hand, one sample at a time
+        reference.zero_grad()
+        F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]).backward()
+        g = torch.cat([p.grad.flatten() for p in reference.parameters()])
+        norms.append(g.norm().item())
+        clipped.append(g * min(1.0, clip / (g.norm().item() + 1e-6)))
+    assert min(norms) > 100 * clip  # the bound really binds for every sample
+    expected = torch.stack(clipped).mean(0)
+    _dp_step(model, x, y, clip=clip, lr=lr)
+    applied = torch.cat([p.grad.flatten() for p in model.parameters()])  # what the step used
+    assert applied.norm() <= clip * 1.0001
+    assert torch.allclose(applied, expected, rtol=1e-4, atol=1e-10)
+
+
+def test_delta_must_be_below_one_over_n():
+    with pytest.raises(ConfigError, match="dp-target-delta"):
+        privacy.plan(8.0, 0.05, num_examples=100, batch_size=10, epochs_per_round=1, rounds=1, max_grad_norm=1.0)
+
+
+def test_epsilon_is_cumulative_and_equals_opacus_accountant(hospitals, tmp_path):
+    rounds = 3
+    run = RunConfig(num_server_rounds=rounds, local_epochs=1, batch_size=8, image_size=32, dp_target_delta=1e-3)
+    site = Site(run, SiteConfig(str(hospitals / "site-000"), str(tmp_path / "state"), "cpu"))
+    arrays = to_record(build_model("classification", "cnn", image_size=32))
+    epsilons = []
+    for server_round in range(1, rounds + 1):
+        _, metrics = site.train(arrays, server_round, run_id="run-a")
+        epsilons.append(metrics["epsilon"])
+    n = metrics["num-examples"]
+    steps_per_round = math.ceil(n / run.batch_size) * run.local_epochs
+    sigma = privacy.plan(run.dp_target_epsilon, run.dp_target_delta, n, run.batch_size, run.local_epochs,
+                         rounds, run.dp_max_grad_norm).noise_multiplier
+    for r, eps in enumerate(epsilons, start=1):
+        accountant = RDPAccountant()
+        for _ in range(steps_per_round * r):
+            accountant.step(noise_multiplier=sigma, sample_rate=1 / math.ceil(n / run.batch_size))
+        assert eps == pytest.approx(accountant.get_epsilon(run.dp_target_delta), rel=1e-9)
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= run.dp_target_epsilon * 1.01
+    assert epsilons[2] == pytest.approx(run.dp_target_epsilon, rel=0.05)  # the plan spends the budget
+    # another run starts its own history; this run's stays on disk
+    _, other = site.train(arrays, 1, run_id="run-b")
+    assert other["epsilon"] == pytest.approx(epsilons[0])
+    assert privacy.AccountantStore(tmp_path / "state").history("run-a")[0][2] == steps_per_round * rounds
