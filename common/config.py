@@ -42,19 +42,19 @@ def _spec(default: Any, check: Callable[[Any], bool] | None = None, accepted: st
 class RunConfig:
     """One federated run: the same object on the server, every site and the CLI."""
 
-    num_server_rounds: int = _spec(5, lambda v: v >= 1, "an integer >= 1")
+    num_server_rounds: int = _spec(8, lambda v: v >= 1, "an integer >= 1")
     task: str = _spec("classification", lambda v: v in TASKS, " | ".join(TASKS))
     model: str = _spec("cnn")  # checked against the model registry by the caller
-    image_size: int = _spec(64, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]")
+    image_size: int = _spec(32, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]")
     num_classes: int = _spec(2, lambda v: v >= 2, "an integer >= 2")
     strategy: str = _spec("fedavg", lambda v: v in STRATEGIES, " | ".join(STRATEGIES))
     fraction_train: float = _spec(1.0, _fraction, "a number in (0, 1]")
     fraction_evaluate: float = _spec(1.0, _fraction, "a number in (0, 1]")
     min_available_sites: int = _spec(2, lambda v: v >= 1, "an integer >= 1")
     round_timeout: float = _spec(600.0, _positive, "seconds > 0")
-    local_epochs: int = _spec(2, lambda v: v >= 1, "an integer >= 1")
-    batch_size: int = _spec(32, lambda v: v >= 1, "an integer >= 1")
-    learning_rate: float = _spec(0.1, _positive, "a number > 0")
+    local_epochs: int = _spec(3, lambda v: v >= 1, "an integer >= 1")
+    batch_size: int = _spec(64, lambda v: v >= 1, "an integer >= 1")
+    learning_rate: float = _spec(0.05, _positive, "a number > 0")
     momentum: float = _spec(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
     dp_enabled: bool = _spec(True)
     dp_target_epsilon: float = _spec(8.0, _positive, "a number > 0")

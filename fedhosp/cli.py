@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--sites", type=int, required=True, help="number of hospitals")
     synth.add_argument("--out", type=Path, required=True, help="folder to write site-NNN/ folders into")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--images-per-site", type=int, default=300)
+    synth.add_argument("--images-per-site", type=int, default=500)
     synth.set_defaults(handler=cmd_synth)
 
     sim = sub.add_parser("simulate", help="federate virtual hospitals on this machine")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     sim.add_argument("--epsilon", type=float, default=None, help="target ε for the whole run")
     sim.add_argument("--seed", type=int, default=None)
-    sim.add_argument("--images-per-site", type=int, default=300, help="synthetic images per site")
+    sim.add_argument("--images-per-site", type=int, default=500, help="synthetic images per site (default 500)")
     sim.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores reserved per virtual site")
     sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
                      help="any run setting, as for `flwr run --run-config`")

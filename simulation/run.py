@@ -24,7 +24,7 @@ SYNTH_SPEC = "synth.json"
 @dataclass(frozen=True)
 class SimulationOptions:
     sites: int
-    images_per_site: int = 300
+    images_per_site: int = 500
     synthesize: bool = True  # False: the sites' folders already exist under data-root
     cpus_per_site: float = 1.0
     verbose: bool = False

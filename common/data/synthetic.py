@@ -61,7 +61,7 @@ def site_profiles(num_sites: int, images_per_site: int, seed: int) -> list[SiteP
             SiteProfile(
                 index=i,
                 num_images=int(images_per_site * rng.uniform(0.7, 1.3)),
-                prevalence=float(rng.uniform(0.3, 0.6)),
+                prevalence=float(rng.uniform(0.4, 0.6)),
                 noise=float(rng.uniform(0.025, 0.05)),
                 scale=float(rng.uniform(800, 2600 * slope)),
                 offset=float(rng.uniform(-1000, 0)),
@@ -89,7 +89,7 @@ def render(rng: np.random.Generator, positive: bool, noise: float) -> tuple[np.n
     img += lungs * 0.07 * ribs**4
     img += 0.15 * _ellipse(xx, yy, cx, cy + 0.1, 0.06, 0.4)  # mediastinum
     texture = gaussian_filter(rng.normal(0, 1, (n, n)), sigma=n / 24)
-    img += 0.06 * texture / (np.abs(texture).max() + 1e-6)
+    img += 0.04 * texture / (np.abs(texture).max() + 1e-6)
     mask = np.zeros((n, n), dtype=np.uint8)
     if positive:
         lesion, mask = _lesion(rng, lungs, xx, yy)
@@ -103,14 +103,15 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
 
 
 def _lesion(rng, lungs, xx, yy):
+    """A nodule: a disc with a soft edge; its contrast runs from invisible to obvious."""
     ys, xs = np.nonzero(lungs)
     k = rng.integers(len(ys))
     cy, cx = ys[k] / STORED_SIZE, xs[k] / STORED_SIZE
-    radius = rng.uniform(0.05, 0.12)
-    contrast = rng.uniform(0.04, 0.35)
-    d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / radius**2
-    blob = contrast * np.exp(-d2)
-    return blob, (d2 <= 1.0).astype(np.uint8)
+    radius = rng.uniform(0.08, 0.18)
+    contrast = rng.uniform(0.03, 0.45)
+    distance = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / radius
+    blob = contrast / (1.0 + np.exp((distance - 1.0) / 0.15))
+    return blob, (distance <= 1.0).astype(np.uint8)
 
 
 def to_physical(attenuation: np.ndarray, profile: SiteProfile) -> np.ndarray:
@@ -145,7 +146,7 @@ def image(profile: SiteProfile, seed: int, idx: int) -> tuple[np.ndarray, int, n
     return attenuation, label, mask
 
 
-def write_hospitals(out: Path, num_sites: int, seed: int, images_per_site: int = 300) -> list[Path]:
+def write_hospitals(out: Path, num_sites: int, seed: int, images_per_site: int = 500) -> list[Path]:
     """Write `num_sites` hospital folders of DICOM + labels.csv under `out`; return their paths."""
     from common.config import site_name
 
