@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -19,6 +20,10 @@ from common.errors import ConfigError, FedhospError
 from common.logs import ensure_console
 
 log = logging.getLogger(__name__)
+
+# No telemetry and no update check from Flower: hospitals are often air-gapped.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

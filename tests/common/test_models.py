@@ -15,7 +15,7 @@ def test_every_registry_model_passes_opacus_validation(name):
 
 
 def test_unknown_or_mismatched_model_is_a_config_error():
-    with pytest.raises(ConfigError, match="unknown model 'vgg'.*cnn"):
+    with pytest.raises(ConfigError, match=r"unknown model 'vgg'.*cnn"):
         build_model("classification", "vgg")
     with pytest.raises(ConfigError, match="is for classification, not segmentation"):
         build_model("segmentation", "cnn")

@@ -18,5 +18,5 @@ def test_opacus_prefix_never_leaks():
     wrapped = GradSampleModule(build_model("classification", "cnn"))
     assert any(k.startswith("_module.") for k in wrapped.state_dict())
     record = to_record(wrapped)
-    assert not any(k.startswith("_module.") for k in record.keys())
+    assert not any(k.startswith("_module.") for k in record)
     load_record(build_model("classification", "cnn"), record)  # loads into a plain model

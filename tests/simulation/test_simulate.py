@@ -1,0 +1,80 @@
+"""End to end: synthetic DICOM hospitals -> Flower's simulation engine -> a model that learned with DP."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.data import split
+from server import checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SITES, ROUNDS = 3, 3
+
+
+def _ray_processes() -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if "raylet" in line or "ray::" in line or "gcs_server" in line]
+
+
+def _majority_rate(data_root, val_fraction, seed) -> float:
+    labels = []
+    for site in range(SITES):
+        with open(data_root / f"site-{site:03d}" / "labels.csv") as f:
+            rows = list(csv.DictReader(f))
+        mask = split.validation_mask([r["file"] for r in rows], val_fraction, seed)
+        labels += [int(r["label"]) for r, held_out in zip(rows, mask, strict=True) if held_out]
+    return max(np.mean(labels), 1 - np.mean(labels))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    assert not _ray_processes(), "a Ray cluster is already running"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhosp", "simulate", "--sites", str(SITES), "--rounds", str(ROUNDS),
+         "--out", str(out), "--seed", "0", "--images-per-site", "400", "--run-config", "local-epochs=6"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_dp_federation_learns(run):
+    out, _ = run
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert rounds[-1]["loss"] < rounds[0]["loss"]
+    majority = _majority_rate(out / "hospitals", results["config"]["val-fraction"], results["config"]["seed"])
+    assert results["final"]["accuracy"] > majority + 0.05, (results["final"], majority)
+    assert results["final"]["auc"] > 0.7
+
+
+def test_epsilon_is_reported_cumulative_and_within_target(run):
+    out, _ = run
+    results = json.loads((out / "results.json").read_text())
+    eps = [r["epsilon_max"] for r in results["rounds"]]
+    assert eps == sorted(eps) and eps[0] > 0
+    assert eps[-1] <= results["config"]["dp-target-epsilon"] * 1.01
+
+
+def test_outputs_progress_and_model(run):
+    out, proc = run
+    round_lines = [line for line in proc.stderr.splitlines() if line.startswith("round ")]
+    assert len(round_lines) == ROUNDS and "eps_max" in round_lines[-1]
+    assert proc.stdout.strip().splitlines()[-1] == f"results: {out / 'results.json'}"
+    assert len((out / "runlog.jsonl").read_text().splitlines()) == ROUNDS
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = checkpoint.load(out / "model.pt")
+    assert model["round"] == ROUNDS and model["config"]["num-server-rounds"] == ROUNDS
+    assert not any(k.startswith("_module.") for k in model["state_dict"])
+    assert all(torch.isfinite(v).all() for v in model["state_dict"].values())
+
+
+def test_no_ray_or_flower_process_left_behind(run):
+    assert not _ray_processes()

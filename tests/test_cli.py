@@ -1,0 +1,71 @@
+"""Bad input at the command line: one `error:` line naming the problem, exit 2, no traceback."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fedhosp.cli import parse_run_config
+
+
+def fedhosp(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedhosp", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def _assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_zero_sites(tmp_path):
+    _assert_clean_error(fedhosp("simulate", "--sites", "0", "--out", str(tmp_path)), "--sites = 0")
+
+
+def test_unknown_config_key(tmp_path):
+    proc = fedhosp("simulate", "--out", str(tmp_path), "--run-config", "learning-rat=0.1")
+    _assert_clean_error(proc, "unknown setting 'learning-rat'", "did you mean 'learning-rate'")
+
+
+def test_out_of_range_value(tmp_path):
+    proc = fedhosp("simulate", "--out", str(tmp_path), "--epsilon", "-1")
+    _assert_clean_error(proc, "dp-target-epsilon", "> 0")
+
+
+def test_missing_data_folder(tmp_path):
+    proc = fedhosp("simulate", "--sites", "2", "--out", str(tmp_path), "--data", str(tmp_path / "absent"))
+    _assert_clean_error(proc, "site-000 does not exist")
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "data" / "site-000").mkdir(parents=True)
+    proc = fedhosp("simulate", "--sites", "1", "--out", str(tmp_path), "--data", str(tmp_path / "data"))
+    _assert_clean_error(proc, "site-000 is empty")
+
+
+def test_manifest_naming_a_missing_file(hospitals, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(hospitals, data)
+    (data / "site-001" / "img_00004.dcm").unlink()
+    proc = fedhosp("simulate", "--sites", "2", "--out", str(tmp_path), "--data", str(data))
+    _assert_clean_error(proc, "site-001", "labels.csv names 1 missing file(s): img_00004.dcm")
+
+
+def test_synth_writes_dicom_folders(tmp_path):
+    proc = fedhosp("synth", "--sites", "2", "--out", str(tmp_path), "--seed", "1", "--images-per-site", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site-000", "site-001"]
+    assert (tmp_path / "site-000" / "labels.csv").is_file()
+    assert len(list((tmp_path / "site-001").glob("*.dcm"))) > 0
+
+
+def test_run_config_syntax():
+    assert parse_run_config("a=1 b='two words' c=x") == {"a": "1", "b": "two words", "c": "x"}
+    with pytest.raises(Exception, match="not KEY=VALUE"):
+        parse_run_config("novalue")
