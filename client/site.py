@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common import privacy, training
 from common.config import RunConfig, SiteConfig
-from common.data import cache, dicom, sources, split
+from common.data import cache, sources, split
+from common.data.decode import decode_example
 from common.errors import DataError
 from common.models import build_model
 from common.weights import load_record, to_record
@@ -43,26 +44,35 @@ class Site:
     def data(self) -> tuple[TensorDataset, TensorDataset]:
         """(train, validation) tensors, decoded once and cached on the site's disk."""
         root = Path(self.config.data_path)
-        examples = sources.dicom_folder(root)
-        params = {"decoder": "dicom", "image_size": self.run.image_size}
+        examples = sources.dicom_folder(root, self.run.task)
+        params = {"decoder": "v2", "task": self.run.task, "image_size": self.run.image_size}
         key = f"{root.resolve()}|{cache.cache_key(examples, root, params)}|{self.run.val_fraction}|{self.run.seed}"
         if key not in _MEMO:
             decoded = cache.load_or_decode(
                 examples, root, Path(self.config.state_dir) / "cache", params,
-                partial(dicom.decode, size=self.run.image_size),
+                partial(decode_example, size=self.run.image_size),
             )
-            if decoded.labels.max() >= self.run.num_classes:
-                raise DataError(
-                    f"{root / sources.MANIFEST}: label {int(decoded.labels.max())} is outside "
-                    f"num-classes = {self.run.num_classes}: fix the manifest or the run's num-classes"
-                )
+            self._check_classes(root, decoded)
             val = split.validation_mask(decoded.names, self.run.val_fraction, self.run.seed)
             images = torch.from_numpy(decoded.images.astype("float32")).unsqueeze(1)
-            labels = torch.from_numpy(decoded.labels)
+            labels = torch.from_numpy(decoded.targets)
             if len(_MEMO) >= _MEMO_SIZE:
                 _MEMO.pop(next(iter(_MEMO)))
             _MEMO[key] = (TensorDataset(images[~val], labels[~val]), TensorDataset(images[val], labels[val]))
         return _MEMO[key]
+
+    def _check_classes(self, root: Path, decoded: cache.Decoded) -> None:
+        per_example = decoded.targets.reshape(len(decoded.targets), -1).max(axis=1)
+        bad = [name for name, top in zip(decoded.names, per_example, strict=True) if top >= self.run.num_classes]
+        if not bad:
+            return
+        manifest, column = sources.MANIFESTS[self.run.task]
+        what = "mask values" if column == "mask" else "labels"
+        raise DataError(
+            f"{root / manifest}: {what} of {len(bad)} file(s) ({', '.join(bad[:3])}) reach "
+            f"{int(per_example.max())}, outside num-classes = {self.run.num_classes}: "
+            "fix the data or set num-classes"
+        )
 
     def model(self, arrays: ArrayRecord) -> torch.nn.Module:
         model = build_model(self.run.task, self.run.model, 1, self.run.num_classes, self.run.image_size)
@@ -86,7 +96,8 @@ class Site:
         optimizer = torch.optim.SGD(model.parameters(), lr=self.run.learning_rate, momentum=self.run.momentum)
         metrics: dict[str, Any] = {"num-examples": len(train_set)}
         if not self.run.dp_enabled:
-            metrics["train-loss"] = training.train(model, loader, optimizer, self.run.local_epochs, self.device)
+            metrics["train-loss"] = training.train(model, loader, optimizer, self.run.local_epochs, self.device,
+                                                   training.LOSSES[self.run.task])
             return to_record(model), metrics
 
         dp = privacy.plan(
@@ -97,7 +108,8 @@ class Site:
         engine, module, optimizer, loader = privacy.make_private(
             model, optimizer, loader, dp, store.history(run_id)
         )
-        metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device)
+        metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device,
+                                               training.LOSSES[self.run.task])
         history = engine.accountant.history
         store.save(run_id, history, dp.delta)
         metrics["epsilon"] = privacy.epsilon(history, dp.delta)
@@ -109,15 +121,13 @@ class Site:
         self._set_threads()
         _, val_set = self.data()
         loader = DataLoader(val_set, batch_size=256)
-        result = training.evaluate(self.model(arrays), loader, self.device)
-        return {
-            "num-examples": result.num_examples,
-            "loss": result.loss,
-            "accuracy": result.accuracy,
+        result = training.evaluate(self.model(arrays), loader, self.device, self.run.task)
+        reply: dict[str, Any] = {"num-examples": result.num_examples, "loss": result.loss, **result.metrics}
+        if self.run.task == "classification":
             # AUC is undefined on a single-class split: send 0 with zero weight
-            "auc": result.auc if result.auc is not None else 0.0,
-            "auc-weight": result.num_examples if result.auc is not None else 0,
-        }
+            reply["auc-weight"] = result.num_examples if reply["auc"] is not None else 0
+            reply["auc"] = reply["auc"] if reply["auc"] is not None else 0.0
+        return reply
 
     def _set_threads(self) -> None:
         if self.run.client_threads > 0:

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.errors import ConfigError
 
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation")
 STRATEGIES = ("fedavg",)
 DEVICES = ("auto", "cpu", "cuda")
 

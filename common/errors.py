@@ -19,3 +19,7 @@ class DataError(FedhospError):
 
 class PrivacyBudgetExceeded(FedhospError):
     """A site would spend more privacy budget than its policy allows."""
+
+
+class MaskMismatch(DataError):
+    """A mask does not fit its image: the data must be fixed, so it stops the site, not skips a file."""

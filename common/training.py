@@ -2,13 +2,15 @@
 
 DP enters only through what the caller passes in (an Opacus-wrapped model,
 optimizer and Poisson loader), so the same loop serves DP and non-DP sites.
+Every loss here is a mean of per-sample losses: DP-SGD's per-sample gradients,
+and so its privacy guarantee, are only right for losses that decompose by sample.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,13 +18,14 @@ from torch.utils.data import DataLoader
 
 from common import metrics
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    accuracy: float
-    auc: float | None
+class Evaluation:
     num_examples: int
+    loss: float
+    metrics: dict[str, float | None] = field(default_factory=dict)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -31,12 +34,33 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Cross-entropy + (1 - soft Dice over foreground classes), Dice computed per image.
+
+    Per image, not over the batch (as MONAI's DiceLoss(batch=True) would): a batch-level
+    Dice couples samples, and Opacus's per-sample gradients would no longer bound any
+    one patient's influence. No library offers a per-sample, DP-safe version we could
+    reuse without pulling in MONAI, so it is written here (a few lines).
+    """
+    ce = F.cross_entropy(logits, target)
+    probs = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    inter = (probs * onehot).sum(dim=(2, 3))
+    total = probs.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3))
+    dice = (2 * inter + smooth) / (total + smooth)
+    return ce + (1 - dice.mean(dim=1)).mean()
+
+
+LOSSES: dict[str, LossFn] = {"classification": F.cross_entropy, "segmentation": dice_ce_loss}
+
+
 def train(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
+    loss_fn: LossFn = F.cross_entropy,
 ) -> float:
     """Run `epochs` passes; return the mean training loss per example."""
     model.train()
@@ -47,7 +71,7 @@ def train(
                 continue
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(y)
@@ -56,15 +80,23 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> EvalResult:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: str = "classification") -> Evaluation:
     model.eval()
-    losses, probs, labels = [], [], []
+    loss_fn = LOSSES[task]
+    loss_sum, outputs, targets = 0.0, [], []
     for x, y in loader:
         logits = model(x.to(device))
-        losses.append(F.cross_entropy(logits, y.to(device), reduction="sum").item())
-        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-        labels.append(y.numpy())
-    if not labels:
-        return EvalResult(float("nan"), float("nan"), None, 0)
-    p, t = np.concatenate(probs), np.concatenate(labels)
-    return EvalResult(sum(losses) / len(t), metrics.accuracy(t, p), metrics.roc_auc(t, p), len(t))
+        loss_sum += loss_fn(logits, y.to(device)).item() * len(y)
+        outputs.append(torch.softmax(logits, dim=1).cpu() if task == "classification" else logits.argmax(1).cpu())
+        targets.append(y)
+    if not targets:
+        return Evaluation(0, float("nan"))
+    out, target = torch.cat(outputs), torch.cat(targets)
+    n = len(target)
+    if task == "segmentation":
+        num_classes = logits.shape[1]
+        return Evaluation(n, loss_sum / n, metrics.segmentation(out, target, num_classes))
+    p, t = out.numpy(), target.numpy()
+    return Evaluation(n, loss_sum / n, {"accuracy": metrics.accuracy(t, p), "auc": metrics.roc_auc(t, p)})
+
+

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import TASKS, RunConfig
 from common.errors import ConfigError, FedhospError
 from common.logs import ensure_console
+from common.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="folder to write site-NNN/ folders into")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--images-per-site", type=int, default=500)
+    synth.add_argument("--task", choices=TASKS, default="classification",
+                       help="accepted for symmetry: every site gets labels.csv and masks (masks.csv) alike")
     synth.set_defaults(handler=cmd_synth)
 
     sim = sub.add_parser("simulate", help="federate virtual hospitals on this machine")
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     sim.add_argument("--data", type=Path, default=None,
                      help="existing hospitals (site-000/, site-001/, ...) instead of synthetic ones")
+    sim.add_argument("--task", choices=TASKS, default=None, help="classification (default) or segmentation")
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     sim.add_argument("--epsilon", type=float, default=None, help="target ε for the whole run")
     sim.add_argument("--seed", type=int, default=None)
@@ -99,6 +103,9 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         "state-root": str(out / "sites"),
         "min-available-sites": max(args.sites, 1),
     }
+    if args.task is not None:
+        values["task"] = args.task
+        values["model"] = DEFAULT_MODEL[args.task]
     if args.rounds is not None:
         values["num-server-rounds"] = args.rounds
     if args.no_dp:
@@ -125,7 +132,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     dp = f"DP-SGD, target ε={cfg.dp_target_epsilon:g}, δ={cfg.dp_target_delta:g}" if cfg.dp_enabled else "no DP"
-    log.info("fedhosp simulate: %d sites, %d rounds, %s, %s", args.sites, cfg.num_server_rounds, cfg.model, dp)
+    log.info("fedhosp simulate: %d sites, %d rounds, %s with %s, %s", args.sites, cfg.num_server_rounds, cfg.task,
+             cfg.model, dp)
     started = time.monotonic()
     simulate(cfg, opts)
     results = report.write(Path(cfg.out_dir), cfg.to_mapping(), args.sites,

@@ -29,6 +29,7 @@ from server import checkpoint, runlog
 from server.strategies import build_strategy
 
 log = logging.getLogger(__name__)
+SHOWN = (("accuracy", "acc"), ("auc", "auc"), ("dice", "dice"), ("iou", "iou"))
 
 
 @dataclass
@@ -127,12 +128,8 @@ def _send(grid: Grid, messages, cfg: RunConfig) -> list[Message]:
 def progress_line(result: RoundResult, rounds: int, elapsed: float) -> str:
     ev, tr = result.evaluate, result.train
     eta = elapsed / result.server_round * (rounds - result.server_round)
-    parts = [
-        f"round {result.server_round}/{rounds}",
-        f"loss {ev.get('loss', float('nan')):.4f}",
-        f"acc {ev.get('accuracy', float('nan')):.3f}",
-        f"auc {ev.get('auc', float('nan')):.3f}",
-    ]
+    parts = [f"round {result.server_round}/{rounds}", f"loss {ev.get('loss', float('nan')):.4f}"]
+    parts += [f"{short} {ev[key]:.3f}" for key, short in SHOWN if key in ev]
     if "epsilon-max" in tr:
         parts.append(f"eps_max {tr['epsilon-max']:.2f}")
     parts += [f"sites {result.sites_ok}/{result.sites_ok + result.sites_failed}",

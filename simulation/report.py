@@ -12,7 +12,9 @@ from server import runlog
 RESULTS = "results.json"
 ROUNDS_CSV = "rounds.csv"
 CURVES_PNG = "curves.png"
-COLUMNS = ("round", "loss", "accuracy", "auc", "epsilon_max", "train_loss", "sites_ok", "sites_failed", "seconds")
+METRICS = {"classification": ("accuracy", "auc"), "segmentation": ("dice", "iou")}
+COLUMNS = ("round", "loss", "accuracy", "auc", "dice", "iou", "epsilon_max", "train_loss", "sites_ok",
+           "sites_failed", "seconds")
 
 
 def round_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -20,8 +22,7 @@ def round_row(record: dict[str, Any]) -> dict[str, Any]:
     return {
         "round": record["round"],
         "loss": ev.get("loss"),
-        "accuracy": ev.get("accuracy"),
-        "auc": ev.get("auc"),
+        **{key: ev[key] for key in ("accuracy", "auc", "dice", "iou") if key in ev},
         "epsilon_max": tr.get("epsilon-max"),
         "train_loss": tr.get("train-loss"),
         "sites_ok": record["sites_ok"],
@@ -35,33 +36,36 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
     out_dir = Path(out_dir)
     rows = [round_row(r) for r in runlog.read(out_dir / runlog.RUN_LOG)]
     last = rows[-1] if rows else {}
+    shown = METRICS[config.get("task", "classification")]
     results = {
         "config": config,
         "sites": sites,
         "rounds": rows,
-        "final": {k: last.get(k) for k in ("loss", "accuracy", "auc", "epsilon_max")},
+        "final": {k: last.get(k) for k in ("loss", *shown, "epsilon_max")},
         "model": "model.pt",
         **(extra or {}),
     }
     path = out_dir / RESULTS
     path.write_text(json.dumps(results, indent=2))
     with open(out_dir / ROUNDS_CSV, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
     if rows:
-        plot_curves(rows, out_dir / CURVES_PNG, config.get("dp-target-epsilon") if config.get("dp-enabled") else None)
+        target = config.get("dp-target-epsilon") if config.get("dp-enabled") else None
+        plot_curves(rows, out_dir / CURVES_PNG, shown, target)
     return path
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, target_epsilon: float | None) -> None:
+def plot_curves(rows: list[dict[str, Any]], path: Path, shown: tuple[str, ...], target_epsilon: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in rows]
-    panels = [("accuracy", "held-out accuracy"), ("auc", "held-out AUC"), ("loss", "held-out loss")]
+    titles = {"accuracy": "held-out accuracy", "auc": "held-out AUC", "dice": "held-out Dice", "iou": "held-out IoU"}
+    panels = [(key, titles[key]) for key in shown] + [("loss", "held-out loss")]
     if target_epsilon is not None:
         panels.append(("epsilon_max", "ε spent (max over sites)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
@@ -80,7 +84,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, target_epsilon: float | 
 
 def final_line(results_path: Path) -> str:
     final = json.loads(Path(results_path).read_text())["final"]
-    parts = [f"final: accuracy {final['accuracy']:.3f}", f"auc {final['auc']:.3f}"]
+    parts = ["final:"] + [f"{key} {value:.3f}" for key, value in final.items()
+                          if key not in ("loss", "epsilon_max") and value is not None]
     if final.get("epsilon_max") is not None:
         parts.append(f"eps_max {final['epsilon_max']:.2f}")
-    return " | ".join(parts)
+    return parts[0] + " " + " | ".join(parts[1:])

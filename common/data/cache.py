@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from common.data.sources import Example
-from common.errors import DataError, FedhospError
+from common.errors import DataError, FedhospError, MaskMismatch
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
 class Decoded:
     images: np.ndarray  # (N, H, W) float16 in [0, 1]
-    labels: np.ndarray  # (N,) int64
+    targets: np.ndarray  # (N,) class indices, or (N, H, W) class maps for segmentation
     names: tuple[str, ...]  # file names relative to the data folder: stay on site
     skipped: tuple[tuple[str, str], ...]  # (file, reason) for files that could not be used
 
@@ -37,6 +37,9 @@ def cache_key(examples: Sequence[Example], root: Path, params: dict) -> str:
     for e in examples:
         st = e.path.stat()
         digest.update(f"{e.path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{e.label}\n".encode())
+        if e.mask is not None:
+            mt = e.mask.stat()
+            digest.update(f"{e.mask.relative_to(root)}|{mt.st_size}|{mt.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
 
@@ -45,7 +48,7 @@ def load_or_decode(
     root: Path,
     cache_dir: Path,
     params: dict,
-    decode: Callable[[Path], np.ndarray],
+    decode: Callable[[Example], tuple[np.ndarray, np.ndarray | int]],
 ) -> Decoded:
     """Decode every example once; unreadable files are skipped and listed, not fatal."""
     path = Path(cache_dir) / f"decoded-{cache_key(examples, root, params)}.npz"
@@ -60,27 +63,31 @@ def load_or_decode(
 
 
 def _decode_all(examples, root, decode) -> Decoded:
-    images, labels, names, skipped = [], [], [], []
+    images, targets, names, skipped = [], [], [], []
     for e in examples:
         name = str(e.path.relative_to(root))
         try:
-            images.append(decode(e.path).astype(np.float16))
+            image, target = decode(e)
+        except MaskMismatch:
+            raise
         except FedhospError as exc:
             skipped.append((name, str(exc)))
             continue
-        labels.append(e.label)
+        images.append(image.astype(np.float16))
+        targets.append(target)
         names.append(name)
     if skipped:
         log.warning("skipped %d of %d files that could not be decoded", len(skipped), len(examples))
     if not images:
         raise DataError(f"none of the {len(examples)} files in {root} could be decoded")
-    return Decoded(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(names), tuple(skipped))
+    return Decoded(np.stack(images), np.asarray(targets, dtype=np.int64), tuple(names), tuple(skipped))
 
 
 def _write(path: Path, d: Decoded) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=d.images, labels=d.labels, names=np.asarray(d.names),
+    np.savez(tmp, images=d.images, targets=d.targets.astype(np.uint8 if d.targets.max() < 256 else np.int64),
+             names=np.asarray(d.names),
              skipped=np.asarray(d.skipped, dtype=str).reshape(-1, 2))
     os.replace(tmp, path)
 
@@ -88,4 +95,5 @@ def _write(path: Path, d: Decoded) -> None:
 def _read(path: Path) -> Decoded:
     with np.load(path, allow_pickle=False) as z:
         skipped = tuple((str(a), str(b)) for a, b in z["skipped"])
-        return Decoded(z["images"], z["labels"], tuple(str(n) for n in z["names"]), skipped)
+        targets = z["targets"].astype(np.int64)
+        return Decoded(z["images"], targets, tuple(str(n) for n in z["names"]), skipped)

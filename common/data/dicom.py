@@ -62,8 +62,8 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return out[0, 0].numpy()
 
 
-def decode(path: Path, size: int) -> np.ndarray:
-    """A single-frame grey DICOM as a size x size float32 image in [0, 1]."""
+def display(path: Path) -> np.ndarray:
+    """A single-frame grey DICOM as a float32 image in [0, 1] at its own resolution."""
     ds = read(path)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -72,4 +72,9 @@ def decode(path: Path, size: int) -> np.ndarray:
     if values.ndim != 2:
         raise DataError(f"{path.name}: expected one 2D frame, got shape {values.shape}")
     low, high = window_bounds(ds, values)
-    return resize(to_display(values, low, high, photometric), size)
+    return to_display(values, low, high, photometric)
+
+
+def decode(path: Path, size: int) -> np.ndarray:
+    """A single-frame grey DICOM as a size x size float32 image in [0, 1]."""
+    return resize(display(path), size)

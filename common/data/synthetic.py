@@ -16,17 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
+from common.data.sources import MANIFEST, MASK_MANIFEST
 from common.errors import ConfigError
 
-FORMAT = 1  # bump when the generator changes what it writes
+FORMAT = 2  # bump when the generator changes what it writes
 STORED_SIZE = 128
 BITS_STORED = 12
 MAX_ATTENUATION = 1.2
-MANIFEST = "labels.csv"
+MASK_DIR = "masks"
 
 
 @dataclass(frozen=True)
@@ -159,18 +161,27 @@ def write_hospitals(out: Path, num_sites: int, seed: int, images_per_site: int =
 
 
 def write_site(folder: Path, profile: SiteProfile, seed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    """DICOM images, `labels.csv` (file,label) and, for segmentation, PNG masks + `masks.csv`."""
+    (folder / MASK_DIR).mkdir(parents=True, exist_ok=True)
+    labels, masks = [], []
     for idx in range(profile.num_images):
-        attenuation, label, _mask = image(profile, seed, idx)
+        attenuation, label, mask = image(profile, seed, idx)
         name = f"img_{idx:05d}.dcm"
         _dataset(to_stored(to_physical(attenuation, profile), profile), profile, seed, idx).save_as(
             folder / name, enforce_file_format=True
         )
-        rows.append((name, label))
-    with open(folder / MANIFEST, "w", newline="") as f:
+        mask_name = f"{MASK_DIR}/img_{idx:05d}.png"
+        Image.fromarray(mask).save(folder / mask_name)
+        labels.append((name, label))
+        masks.append((name, mask_name))
+    _write_csv(folder / MANIFEST, ("file", "label"), labels)
+    _write_csv(folder / MASK_MANIFEST, ("file", "mask"), masks)
+
+
+def _write_csv(path: Path, header: tuple[str, str], rows: list) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "label"])
+        writer.writerow(header)
         writer.writerows(rows)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from common.models.cnn import SmallCNN
+from common.models.unet import UNet
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,9 @@ class ModelSpec:
 
 REGISTRY: dict[str, ModelSpec] = {
     "cnn": ModelSpec("classification", lambda c, k, _size: SmallCNN(c, k)),
+    "unet": ModelSpec("segmentation", lambda c, k, _size: UNet(c, k)),
 }
+DEFAULT_MODEL = {"classification": "cnn", "segmentation": "unet"}
 
 
 def build_model(

@@ -2,13 +2,14 @@ import shutil
 
 import numpy as np
 
-from common.data import cache, dicom, sources
+from common.data import cache, sources
+from common.data.decode import decode_example
 
 
 def _counting_decoder(calls):
-    def decode(path):
-        calls.append(path.name)
-        return dicom.decode(path, 32)
+    def decode(example):
+        calls.append(example.path.name)
+        return decode_example(example, 32)
 
     return decode
 
@@ -32,7 +33,7 @@ def test_corrupt_file_is_skipped_and_reported(hospitals, tmp_path):
     (root / "img_00002.dcm").write_bytes(b"not a dicom file at all")
     examples = sources.dicom_folder(root)
     decoded = cache.load_or_decode(examples, root, tmp_path / "cache", {"size": 32},
-                                   lambda p: dicom.decode(p, 32))
+                                   lambda e: decode_example(e, 32))
     assert len(decoded.images) == len(examples) - 1
     assert [name for name, _ in decoded.skipped] == ["img_00002.dcm"]
     assert "not a readable DICOM file" in decoded.skipped[0][1]
