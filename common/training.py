@@ -35,7 +35,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Cross-entropy + (1 - soft Dice over foreground classes), Dice computed per image.
+    """Cross-entropy + (1 - soft Dice over the foreground classes present), Dice per image.
 
     Per image, not over the batch (as MONAI's DiceLoss(batch=True) would): a batch-level
     Dice couples samples, and Opacus's per-sample gradients would no longer bound any
@@ -48,7 +48,11 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0
     inter = (probs * onehot).sum(dim=(2, 3))
     total = probs.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3))
     dice = (2 * inter + smooth) / (total + smooth)
-    return ce + (1 - dice.mean(dim=1)).mean()
+    # Dice is undefined on an image without foreground: there only cross-entropy speaks
+    # (otherwise the many lesion-free images teach the model never to predict a lesion).
+    present = (onehot.sum(dim=(2, 3)) > 0).to(probs.dtype)
+    per_image = ((1 - dice) * present).sum(dim=1) / present.sum(dim=1).clamp(min=1)
+    return ce + per_image.mean()
 
 
 LOSSES: dict[str, LossFn] = {"classification": F.cross_entropy, "segmentation": dice_ce_loss}

@@ -22,7 +22,7 @@ REGISTRY: dict[str, ModelSpec] = {
     "cnn": ModelSpec("classification", lambda c, k, _size: SmallCNN(c, k)),
     "unet": ModelSpec("segmentation", lambda c, k, _size: UNet(c, k)),
 }
-DEFAULT_MODEL = {"classification": "cnn", "segmentation": "unet"}
+
 
 
 def build_model(

@@ -29,7 +29,7 @@ class UNet(nn.Module):
     """`depth` down/up levels, widths `width * 2**level`; logits per pixel per class."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, depth: int = 3, width: int = 16,
+        self, in_channels: int, num_classes: int, depth: int = 2, width: int = 8,
         norm_layer: NormFactory = group_norm,
     ) -> None:
         super().__init__()
