@@ -17,8 +17,11 @@ SITES, ROUNDS = 3, 3
 
 
 def _ray_processes() -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if "raylet" in line or "ray::" in line or "gcs_server" in line]
+    """Live Ray processes. Exited workers whose parent (raylet) ended first can linger as
+    zombies (state Z) until the container's init reaps them: they run nothing and hold no memory."""
+    ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    live = [line.split(None, 1) for line in ps.splitlines() if line.strip() and not line.lstrip().startswith("Z")]
+    return [args for _, args in live if "raylet" in args or "ray::" in args or "gcs_server" in args]
 
 
 def _majority_rate(data_root, val_fraction, seed) -> float:
