@@ -2,7 +2,8 @@
 
 Splits the 30 image/label pairs into two sites (15 each; val-fraction holds some out), writes
 membrane masks (label 0 in the PNGs -> class 1) as NPY, and runs `fedhosp simulate` twice with
-the same rounds and local epochs: 2 sites with DP, and 1 site holding the same data without DP.
+the same rounds and local epochs: 2 sites with DP, 2 sites without, and 1 site holding all the
+data without DP.
 Skips cleanly when ../shared/data is absent. Usage: python bench/isbi_check.py [OUT]
 """
 
@@ -51,8 +52,10 @@ def main() -> int:
     write_sites(out / "one-site", [list(range(0, 15)) + list(range(15, 30))])
     rounds = 5
     federated = simulate(out / "two-sites", out / "fed-dp", 2, rounds, ["--epsilon", "8"])
+    federated_plain = simulate(out / "two-sites", out / "fed-nodp", 2, rounds, ["--no-dp"])
     local = simulate(out / "one-site", out / "single-nodp", 1, rounds, ["--no-dp"])
     print(f"ISBI 2012 membranes, held-out Dice: federated 2 sites DP(eps<=8) {federated['dice']:.3f} | "
+          f"federated 2 sites no DP {federated_plain['dice']:.3f} | "
           f"single site (all 30 images) no DP {local['dice']:.3f}")
     return 0
 
