@@ -7,7 +7,10 @@ not correctness). Everything that must persist between rounds is in `state_dir`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +32,7 @@ from common.weights import load_record, to_record
 log = logging.getLogger(__name__)
 _MEMO: dict[str, tuple[TensorDataset, TensorDataset]] = {}
 _MEMO_SIZE = 8
+SECRET_FILE = "site-secret"
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,28 @@ class Site:
         return model.to(self.device)
 
     def _generator(self, server_round: int) -> torch.Generator:
-        seed = (self.run.seed * 1_000_003 + server_round * 1_009 + self.index) % 2**63
+        """Seed this round's shuffling, Poisson sampling and DP noise.
+
+        Without DP: from the run's seed alone, so runs repeat exactly. With DP the seed also
+        mixes in a secret that never leaves the site's disk: were the noise and the sampled
+        batches derivable from the server's seed, the server could subtract the noise and the
+        guarantee would be void. Rerunning with the same site state still repeats exactly.
+        """
+        material = f"{self.run.seed}:{server_round}:{self.index}"
+        if self.run.dp_enabled:
+            material += ":" + self._secret().hex()
+        seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big") % 2**63
         torch.manual_seed(seed)
         return torch.Generator().manual_seed(seed)
+
+    def _secret(self) -> bytes:
+        path = Path(self.config.state_dir) / SECRET_FILE
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return path.read_bytes()
 
     def train(self, arrays: ArrayRecord, server_round: int, run_id: str) -> tuple[ArrayRecord, dict[str, Any]]:
         """One round of local training; returns new weights and aggregate metrics only."""

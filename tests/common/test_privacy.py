@@ -95,3 +95,19 @@ def test_epsilon_is_cumulative_and_equals_opacus_accountant(hospitals, tmp_path)
     _, other = site.train(arrays, 1, run_id="run-b")
     assert other["epsilon"] == pytest.approx(epsilons[0])
     assert privacy.AccountantStore(tmp_path / "state").history("run-a")[0][2] == steps_per_round * rounds
+
+
+def test_dp_noise_is_not_derivable_from_the_servers_seed(hospitals, tmp_path):
+    """Same run config and weights, two sites' state folders: different DP noise; same folder: repeats."""
+    run = RunConfig(num_server_rounds=1, local_epochs=1, batch_size=8, image_size=32, dp_target_delta=1e-3)
+    arrays = to_record(build_model("classification", "cnn", image_size=32))
+
+    def update(state):
+        site = Site(run, SiteConfig(str(hospitals / "site-000"), str(state), "cpu"))
+        new, _ = site.train(arrays, 1, run_id="r")
+        return torch.cat([v.flatten() for v in new.to_torch_state_dict().values()])
+
+    a, b, a_again = update(tmp_path / "a"), update(tmp_path / "b"), update(tmp_path / "a")
+    assert not torch.allclose(a, b)
+    assert torch.equal(a, a_again)
+    assert oct((tmp_path / "a" / "site-secret").stat().st_mode)[-3:] == "600"

@@ -40,7 +40,8 @@ def run(tmp_path_factory):
     assert not _ray_processes(), "a Ray cluster is already running"
     proc = subprocess.run(
         [sys.executable, "-m", "fedhosp", "simulate", "--sites", str(SITES), "--rounds", str(ROUNDS),
-         "--out", str(out), "--seed", "0", "--images-per-site", "400", "--run-config", "local-epochs=6"],
+         "--out", str(out), "--seed", "0", "--images-per-site", "500", "--epsilon", "16",
+         "--run-config", "local-epochs=6"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
