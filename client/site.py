@@ -50,7 +50,8 @@ class Site:
         root = Path(self.config.data_path)
         examples = sources.dicom_folder(root, self.run.task)
         params = {"decoder": "v2", "task": self.run.task, "image_size": self.run.image_size}
-        key = f"{root.resolve()}|{cache.cache_key(examples, root, params)}|{self.run.val_fraction}|{self.run.seed}"
+        split_key = f"{self.run.val_fraction}|{self.run.seed}|{self.run.num_classes}"
+        key = f"{root.resolve()}|{cache.cache_key(examples, root, params)}|{split_key}"
         if key not in _MEMO:
             decoded = cache.load_or_decode(
                 examples, root, Path(self.config.state_dir) / "cache", params,
