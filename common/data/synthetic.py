@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
+from common.config import site_name
 from common.data.sources import MANIFEST, MASK_MANIFEST
 from common.errors import ConfigError
 
@@ -150,8 +151,6 @@ def image(profile: SiteProfile, seed: int, idx: int) -> tuple[np.ndarray, int, n
 
 def write_hospitals(out: Path, num_sites: int, seed: int, images_per_site: int = 500) -> list[Path]:
     """Write `num_sites` hospital folders of DICOM + labels.csv under `out`; return their paths."""
-    from common.config import site_name
-
     paths = []
     for profile in site_profiles(num_sites, images_per_site, seed):
         folder = Path(out) / site_name(profile.index)
