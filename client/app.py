@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import Site, site_from_context
 from common.config import RunConfig
+from common.errors import PrivacyBudgetExceeded
+from common.protocol import BUDGET_SPENT, STATUS
 
 log = logging.getLogger(__name__)
 ROUND_KEY = "server-round"
@@ -47,7 +49,14 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Mes
 @_guarded
 def train(msg: Message, context: Context) -> RecordDict:
     site, server_round = _site(msg, context)
-    arrays, metrics = site.train(msg.content["arrays"], server_round, str(context.run_id))
+    try:
+        arrays, metrics = site.train(msg.content["arrays"], server_round, str(context.run_id))
+    except PrivacyBudgetExceeded as refusal:
+        log.warning("round %d refused: %s", server_round, refusal)
+        return RecordDict({STATUS: ConfigRecord({
+            STATUS: BUDGET_SPENT, "epsilon-total": refusal.spent, "privacy-budget": refusal.budget,
+            "epsilon-next": refusal.would_be,
+        })})
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
 

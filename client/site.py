@@ -21,11 +21,11 @@ import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import privacy, training
+from common import ledger, privacy, training
 from common.config import RunConfig, SiteConfig
 from common.data import cache, sources, split
 from common.data.decode import decode_example
-from common.errors import DataError
+from common.errors import DataError, PrivacyBudgetExceeded
 from common.models import build_model
 from common.weights import load_record, to_record
 
@@ -39,7 +39,7 @@ SECRET_FILE = "site-secret"
 class Site:
     run: RunConfig
     config: SiteConfig
-    index: int = 0  # partition id in simulation: seeds this site's randomness
+    index: int | None = None  # partition id in simulation: seeds this site's randomness
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +92,7 @@ class Site:
         batches derivable from the server's seed, the server could subtract the noise and the
         guarantee would be void. Rerunning with the same site state still repeats exactly.
         """
-        material = f"{self.run.seed}:{server_round}:{self.index}"
+        material = f"{self.run.seed}:{server_round}:{self.index or 0}"
         if self.run.dp_enabled:
             material += ":" + self._secret().hex()
         seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big") % 2**63
@@ -118,8 +118,9 @@ class Site:
         model = self.model(arrays)
         loader = DataLoader(train_set, batch_size=self.run.batch_size, shuffle=True, generator=generator)
         optimizer = torch.optim.SGD(model.parameters(), lr=self.run.learning_rate, momentum=self.run.momentum)
-        metrics: dict[str, Any] = {"num-examples": len(train_set)}
+        metrics: dict[str, Any] = {"num-examples": len(train_set), "site-weight": 1}
         if not self.run.dp_enabled:
+            self._check_budget(ledger.PrivacyLedger(Path(self.config.state_dir)), None)
             metrics["train-loss"] = training.train(model, loader, optimizer, self.run.local_epochs, self.device,
                                                    training.LOSSES[self.run.task])
             return to_record(model), metrics
@@ -128,17 +129,39 @@ class Site:
             self.run.dp_target_epsilon, self.run.dp_target_delta, len(train_set), self.run.batch_size,
             self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm,
         )
-        store = privacy.AccountantStore(Path(self.config.state_dir))
-        engine, module, optimizer, loader = privacy.make_private(
-            model, optimizer, loader, dp, store.history(run_id)
-        )
+        book = ledger.PrivacyLedger(Path(self.config.state_dir))
+        self._check_budget(book, dp)
+        engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
         metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device,
                                                training.LOSSES[self.run.task])
-        history = engine.accountant.history
-        store.save(run_id, history, dp.delta)
-        metrics["epsilon"] = privacy.epsilon(history, dp.delta)
+        spent = [tuple(h) for h in engine.accountant.history]
+        book.append(ledger.Entry(run_id, server_round, dp.noise_multiplier, dp.sample_rate,
+                                 sum(n for _, _, n in spent), dp.delta, spent))
+        metrics["epsilon"] = privacy.epsilon(book.history(run_id), dp.delta)
+        metrics["epsilon-total"] = book.total_epsilon()
         metrics["noise-multiplier"] = dp.noise_multiplier
         return to_record(model), metrics
+
+    @property
+    def budget(self) -> float:
+        """The site's own budget; a virtual site (simulation) takes the run's `site-privacy-budget`."""
+        return self.config.privacy_budget or (self.run.site_privacy_budget if self.index is not None else 0.0)
+
+    def _check_budget(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan | None) -> None:
+        """Refuse, before any step, a round that would take the site past its budget."""
+        if not self.budget:
+            return
+        if dp is None:
+            raise PrivacyBudgetExceeded(
+                "site has a privacy budget and the run asks for training without DP", spent=book.total_epsilon(),
+                budget=self.budget, would_be=float("inf"),
+            )
+        would_be = book.epsilon_if(dp.round_history(), dp.delta)
+        if would_be > self.budget:
+            raise PrivacyBudgetExceeded(
+                f"next round would spend ε={would_be:.3f} in total, over the site's budget {self.budget:g}",
+                spent=book.total_epsilon(), budget=self.budget, would_be=would_be,
+            )
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, Any]:
         """The global model on this site's held-out split: aggregate metrics only."""

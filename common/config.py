@@ -20,6 +20,7 @@ from common.errors import ConfigError
 TASKS = ("classification", "segmentation")
 STRATEGIES = ("fedavg",)
 DEVICES = ("auto", "cpu", "cuda")
+CLIENT_DP = ("off", "fixed", "adaptive")
 
 
 def _positive(v: float) -> bool:
@@ -60,6 +61,13 @@ class RunConfig:
     dp_target_epsilon: float = _spec(8.0, _positive, "a number > 0")
     dp_target_delta: float = _spec(1e-4, _open_unit, "a number in (0, 1)")
     dp_max_grad_norm: float = _spec(1.0, _positive, "a number > 0")
+    # Simulation only: the total ε budget of every virtual site (0: none). A real site sets
+    # its own budget in its node config (`privacy-budget`); the server cannot raise it.
+    site_privacy_budget: float = _spec(0.0, lambda v: v >= 0, "a number >= 0 (0: no budget)")
+    # Client-level DP: the server clips each site's update and noises the average (Flower's wrappers).
+    client_dp: str = _spec("off", lambda v: v in CLIENT_DP, " | ".join(CLIENT_DP))
+    client_dp_noise_multiplier: float = _spec(1.0, _positive, "a number > 0")
+    client_dp_clipping_norm: float = _spec(1.0, _positive, "a number > 0 (the initial norm when adaptive)")
     val_fraction: float = _spec(0.2, _open_unit, "a number in (0, 1)")
     seed: int = _spec(0)
     data_root: str = _spec("runs/demo/hospitals")
@@ -91,6 +99,8 @@ class SiteConfig:
     data_path: str = _spec("")
     state_dir: str = _spec("")
     device: str = _spec("auto", lambda v: v in DEVICES, " | ".join(DEVICES))
+    # Total ε this hospital allows over every run on its data (0: none); kept in its ledger.
+    privacy_budget: float = _spec(0.0, lambda v: v >= 0, "a number >= 0 (0: no budget)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SiteConfig:

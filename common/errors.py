@@ -18,8 +18,16 @@ class DataError(FedhospError):
 
 
 class PrivacyBudgetExceeded(FedhospError):
-    """A site would spend more privacy budget than its policy allows."""
+    """A site would spend more privacy budget than its policy allows: it refuses the round."""
+
+    def __init__(self, message: str, *, spent: float, budget: float, would_be: float) -> None:
+        super().__init__(message)
+        self.spent, self.budget, self.would_be = spent, budget, would_be
 
 
 class MaskMismatch(DataError):
     """A mask does not fit its image: the data must be fixed, so it stops the site, not skips a file."""
+
+
+class PrivacyLedgerError(FedhospError):
+    """A site's privacy ledger is missing, altered or unreadable: its budget cannot be trusted."""

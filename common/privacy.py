@@ -2,21 +2,17 @@
 
 Flower recreates the ClientApp for every message, and Flower's own Opacus example
 builds a fresh PrivacyEngine each round, so its ε restarts at zero every round.
-Here the RDP accountant's history is saved in the site's state folder after each
-round and loaded into the next round's engine, so the ε a site reports is the
-cumulative ε of the whole run. The file keeps every run's history (keyed by run
-id), which is what composing a budget across runs needs.
+Here each round's engine starts empty and what it spent is appended to the site's
+ledger (`common.ledger`); ε is always Opacus's RDP accountant over the ledger's
+concatenated histories, for one run or for every run on the site's data.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
@@ -28,7 +24,6 @@ from torch.utils.data import DataLoader
 from common.errors import ConfigError
 
 ACCOUNTANT = "rdp"
-LEDGER_FILE = "privacy-accountant.json"
 History = list[tuple[float, float, int]]  # Opacus: (noise_multiplier, sample_rate, steps)
 
 # Opacus's hooks on the first layer make torch warn on every backward pass that the
@@ -45,6 +40,11 @@ class DPPlan:
     max_grad_norm: float
     delta: float
     planned_steps: int
+    steps_per_round: int = 0
+
+    def round_history(self) -> History:
+        """What one full round will add to the accountant: a site checks its budget against it first."""
+        return [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
 
 
 def plan(
@@ -65,7 +65,7 @@ def plan(
     sample_rate = 1.0 / steps_per_epoch
     steps = steps_per_epoch * epochs_per_round * rounds
     sigma = _noise_multiplier(target_epsilon, delta, sample_rate, steps)
-    return DPPlan(sigma, sample_rate, max_grad_norm, delta, steps)
+    return DPPlan(sigma, sample_rate, max_grad_norm, delta, steps, steps_per_epoch * epochs_per_round)
 
 
 @lru_cache(maxsize=64)
@@ -85,16 +85,13 @@ def make_private(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     dp: DPPlan,
-    history: History,
 ) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, DataLoader]:
-    """Wrap once per round, resuming the accountant from `history`; Poisson sampling on."""
+    """Wrap once per round with a fresh accountant (the round's steps only); Poisson sampling on."""
     with warnings.catch_warnings():
         # Opacus warns on every engine that its cryptographically secure RNG is off.
         # Known and deliberate for now: see the note on secure_mode in README.md.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=ACCOUNTANT)
-        if history:
-            engine.accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})
         module, optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -113,36 +110,3 @@ def epsilon(history: History, delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta))
-
-
-class AccountantStore:
-    """The accountant histories of one site, one entry per run, written atomically."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / LEDGER_FILE
-
-    def _read(self) -> dict:
-        if not self.path.is_file():
-            return {"runs": {}}
-        with open(self.path) as f:
-            return json.load(f)
-
-    def history(self, run_id: str) -> History:
-        entry = self._read()["runs"].get(run_id, {})
-        return [(float(s), float(q), int(n)) for s, q, n in entry.get("history", [])]
-
-    def save(self, run_id: str, history: History, delta: float) -> None:
-        data = self._read()
-        data["runs"][run_id] = {
-            "accountant": ACCOUNTANT,
-            "delta": delta,
-            "history": [list(h) for h in history],
-            "epsilon": epsilon(history, delta),
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)

@@ -11,6 +11,7 @@ from client.site import Site
 from common import privacy
 from common.config import RunConfig, SiteConfig
 from common.errors import ConfigError
+from common.ledger import PrivacyLedger
 from common.models import build_model
 from common.weights import to_record
 
@@ -23,7 +24,7 @@ def _batch(n=6, size=32):
 def _dp_step(model, x, y, clip, lr):
     dp = privacy.DPPlan(noise_multiplier=0.0, sample_rate=1.0, max_grad_norm=clip, delta=1e-5, planned_steps=1)
     loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
-    _, module, optimizer, _ = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=lr), loader, dp, [])
+    _, module, optimizer, _ = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=lr), loader, dp)
     optimizer.zero_grad()
     F.cross_entropy(module(x), y).backward()
     optimizer.step()
@@ -94,7 +95,7 @@ def test_epsilon_is_cumulative_and_equals_opacus_accountant(hospitals, tmp_path)
     # another run starts its own history; this run's stays on disk
     _, other = site.train(arrays, 1, run_id="run-b")
     assert other["epsilon"] == pytest.approx(epsilons[0])
-    assert privacy.AccountantStore(tmp_path / "state").history("run-a")[0][2] == steps_per_round * rounds
+    assert sum(n for _, _, n in PrivacyLedger(tmp_path / "state").history("run-a")) == steps_per_round * rounds
 
 
 def test_dp_noise_is_not_derivable_from_the_servers_seed(hospitals, tmp_path):
@@ -111,3 +112,24 @@ def test_dp_noise_is_not_derivable_from_the_servers_seed(hospitals, tmp_path):
     assert not torch.allclose(a, b)
     assert torch.equal(a, a_again)
     assert oct((tmp_path / "a" / "site-secret").stat().st_mode)[-3:] == "600"
+
+
+def test_added_noise_has_the_expected_standard_deviation():
+    """Zero gradients in, so the step is pure noise: std sigma*C/B per coordinate (Opacus's mean over the batch)."""
+    torch.manual_seed(1234)
+    model = torch.nn.Linear(1000, 20, bias=False)  # 20,000 noise draws
+    torch.nn.init.zeros_(model.weight)
+    batch, sigma, clip = 16, 1.3, 0.7
+    x, y = torch.zeros(batch, 1000), torch.zeros(batch, dtype=torch.long)  # zero input: zero gradient
+    dp = privacy.DPPlan(noise_multiplier=sigma, sample_rate=1.0, max_grad_norm=clip, delta=1e-5, planned_steps=1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    _, module, optimizer, _ = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), loader, dp)
+    optimizer.zero_grad()
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+    noise = -model.weight.detach().flatten().double()
+    expected = sigma * clip / batch
+    n = noise.numel()
+    # sample std of n normals: relative standard error 1/sqrt(2n) = 0.5%; allow 5 of them
+    assert noise.std().item() == pytest.approx(expected, rel=5 / math.sqrt(2 * n))
+    assert abs(noise.mean().item()) < 5 * expected / math.sqrt(n)

@@ -15,7 +15,7 @@ def test_unet_dp_step_runs_and_clips():
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     before = [p.detach().clone() for p in model.parameters()]
     engine, module, optimizer, loader = privacy.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, dp, [])
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, dp)
     optimizer.zero_grad()
     training.dice_ce_loss(module(x), y).backward()
     per_sample = torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], dim=1)

@@ -1,0 +1,151 @@
+"""A site's privacy ledger: every DP round it ever trained, on its own disk, across runs.
+
+Flower's context state lives for one run, and Opacus's accountant for one engine,
+so neither can tell a hospital what it has spent over a year of studies on the
+same patients. The ledger can: each entry is one round of one run (noise
+multiplier, sample rate, steps, δ and the accountant history that round added);
+ε over any set of entries is Opacus's RDP accountant over their concatenated
+histories, which is how RDP composes across runs on the same data.
+
+Integrity, not secrecy: entries form a hash chain and a small anchor file next to
+the ledger records its length and head. A ledger that is missing, truncated,
+edited or unparseable while the anchor says otherwise is an error, never an empty
+ledger, so a budget cannot be reset by accident. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import PrivacyLedgerError
+from common.privacy import History, epsilon
+
+LEDGER_FILE = "privacy-ledger.json"
+ANCHOR_FILE = "privacy-ledger.anchor"
+FORMAT = 1
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One DP round of one run at this site."""
+
+    run: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    history: History
+    time: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["history"] = [list(h) for h in self.history]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Entry:
+        history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
+        fields = {k: data[k] for k in ("run", "round", "noise_multiplier", "sample_rate", "steps", "delta", "time")}
+        return cls(**fields, history=history)
+
+
+class PrivacyLedger:
+    """The ledger of one site, in `state_dir`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / LEDGER_FILE
+        self.anchor = Path(state_dir) / ANCHOR_FILE
+
+    def entries(self) -> list[Entry]:
+        return [Entry.from_json(e["entry"]) for e in self._read()]
+
+    def history(self, run: str | None = None) -> History:
+        """The accountant history of one run, or of every run (composition across runs)."""
+        return concat(e for e in self.entries() if run is None or e.run == run)
+
+    def delta(self, extra: float | None = None) -> float:
+        """δ at which totals are stated: the smallest any entry used (the conservative choice)."""
+        deltas = [e.delta for e in self.entries()] + ([extra] if extra is not None else [])
+        return min(deltas) if deltas else 0.0
+
+    def total_epsilon(self, delta: float | None = None) -> float:
+        return epsilon(self.history(), delta if delta is not None else self.delta())
+
+    def epsilon_if(self, extra: History, delta: float) -> float:
+        """ε over every run so far plus `extra` steps, at the smaller of `delta` and the ledger's δ."""
+        return epsilon(self.history() + list(extra), self.delta(delta))
+
+    def append(self, entry: Entry) -> None:
+        """Add one round; the write is atomic and extends the hash chain."""
+        records = self._read()
+        stamped = Entry(**{**asdict(entry), "history": entry.history,
+                           "time": entry.time or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+        prev = records[-1]["hash"] if records else GENESIS
+        records.append({"entry": stamped.to_json(), "prev": prev, "hash": _chain(prev, stamped.to_json())})
+        _write_json(self.path, {"format": FORMAT, "records": records})
+        _write_json(self.anchor, {"format": FORMAT, "entries": len(records), "head": records[-1]["hash"]})
+
+    def _read(self) -> list[dict[str, Any]]:
+        anchor = self._anchor()
+        if not self.path.is_file():
+            if anchor["entries"]:
+                raise PrivacyLedgerError(
+                    f"{self.path} is missing but {self.anchor} records {anchor['entries']} DP rounds: "
+                    "restore the ledger from backup; fedhosp will not start a site's budget from zero"
+                )
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+            records = list(data["records"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PrivacyLedgerError(f"{self.path} cannot be read ({exc}): restore it from backup") from None
+        self._verify(records, anchor)
+        return records
+
+    def _anchor(self) -> dict[str, Any]:
+        if not self.anchor.is_file():
+            return {"entries": 0, "head": GENESIS}
+        try:
+            return json.loads(self.anchor.read_text())
+        except ValueError:
+            raise PrivacyLedgerError(f"{self.anchor} cannot be read: restore it from backup") from None
+
+    def _verify(self, records: Sequence[dict[str, Any]], anchor: dict[str, Any]) -> None:
+        prev = GENESIS
+        for i, record in enumerate(records):
+            if record.get("prev") != prev or record.get("hash") != _chain(prev, record.get("entry")):
+                raise PrivacyLedgerError(f"{self.path}: entry {i + 1} was altered: restore the ledger from backup")
+            prev = record["hash"]
+        if anchor["entries"] and (len(records) < anchor["entries"] or anchor["head"] not in
+                                  {r["hash"] for r in records}):
+            raise PrivacyLedgerError(
+                f"{self.path} holds {len(records)} DP rounds but {self.anchor} records {anchor['entries']}: "
+                "the ledger was truncated or replaced; restore it from backup"
+            )
+
+
+def concat(entries: Iterable[Entry]) -> History:
+    return [h for e in entries for h in e.history]
+
+
+def _chain(prev: str, entry: Any) -> str:
+    return hashlib.sha256((prev + json.dumps(entry, sort_keys=True)).encode()).hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
