@@ -169,7 +169,8 @@ class Site:
         _, val_set = self.data()
         loader = DataLoader(val_set, batch_size=256)
         result = training.evaluate(self.model(arrays), loader, self.device, self.run.task)
-        reply: dict[str, Any] = {"num-examples": result.num_examples, "loss": result.loss, **result.metrics}
+        reply: dict[str, Any] = {"num-examples": result.num_examples, "site-weight": 1, "loss": result.loss,
+                                 **result.metrics}
         if self.run.task == "classification":
             # AUC is undefined on a single-class split: send 0 with zero weight
             reply["auc-weight"] = result.num_examples if reply["auc"] is not None else 0

@@ -11,6 +11,6 @@ TRAIN_METRICS = frozenset({
     "num-examples", "site-weight", "train-loss", "epsilon", "epsilon-total", "noise-multiplier",
 })
 EVALUATE_METRICS = frozenset({
-    "num-examples", "loss", "accuracy", "auc", "auc-weight", "dice", "iou",
+    "num-examples", "site-weight", "loss", "accuracy", "auc", "auc-weight", "dice", "iou",
 })
 STATUS_FIELDS = frozenset({STATUS, "epsilon-total", "privacy-budget", "epsilon-next"})

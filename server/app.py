@@ -20,10 +20,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from common import privacy
 from common.config import RunConfig
 from common.errors import FedhospError
 from common.logs import ensure_console
 from common.models import build_model
+from common.protocol import STATUS
 from common.weights import plain_state_dict
 from server import checkpoint, runlog
 from server.strategies import build_strategy
@@ -39,6 +41,8 @@ class RoundResult:
     evaluate: dict[str, Any] = field(default_factory=dict)
     sites_ok: int = 0
     sites_failed: int = 0
+    sites: list[dict[str, Any]] = field(default_factory=list)  # per site: node, ε, ε over all runs
+    refused: list[dict[str, Any]] = field(default_factory=list)  # sites that declined: budget spent
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -48,6 +52,9 @@ class RoundResult:
             "evaluate": self.evaluate,
             "sites_ok": self.sites_ok,
             "sites_failed": self.sites_failed,
+            "sites_refused": len(self.refused),
+            "sites": self.sites,
+            "refused": self.refused,
             "seconds": round(self.seconds, 3),
         }
 
@@ -104,21 +111,49 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     result = RoundResult(server_round)
     config = ConfigRecord(cfg.to_mapping())
     replies = _send(grid, strategy.configure_train(server_round, arrays, config, grid), cfg)
+    refusals = [m for m in replies if not m.has_error() and STATUS in m.content]
+    replies = [m for m in replies if m not in refusals]
+    result.refused = [_refusal(m, server_round) for m in refusals]
     result.sites_ok = sum(not m.has_error() for m in replies)
     result.sites_failed = len(replies) - result.sites_ok
-    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    result.sites = [_site_privacy(m) for m in replies if not m.has_error()]
+    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies) if result.sites_ok else (None, None)
     if new_arrays is None:
         reasons = sorted({m.error.reason for m in replies if m.has_error()})
+        if result.refused:
+            reasons.append(f"{len(result.refused)} refused: privacy budget spent")
         raise FedhospError(
-            f"round {server_round}: no site returned an update ({result.sites_failed} failed: "
-            f"{'; '.join(reasons) or 'no reply in time'}); check the sites' logs"
+            f"round {server_round}: no site returned an update ({'; '.join(reasons) or 'no reply in time'}); "
+            "check the sites' logs"
         )
     arrays = new_arrays
     result.train = dict(train_metrics or {})
+    if cfg.client_dp != "off":
+        result.train["client-epsilon"] = client_epsilon(strategy, cfg, server_round)
     replies = _send(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(cfg.to_mapping()), grid), cfg)
     result.evaluate = dict(strategy.aggregate_evaluate(server_round, replies) or {})
     result.seconds = time.monotonic() - started
     return arrays, result
+
+
+def _refusal(msg: Message, server_round: int) -> dict[str, Any]:
+    status = dict(msg.content[STATUS])
+    log.warning("round %d: site %s refused to train (%s: ε %.3f spent, budget %g)", server_round,
+                msg.metadata.src_node_id, status.get(STATUS), status.get("epsilon-total", float("nan")),
+                status.get("privacy-budget", float("nan")))
+    return {"node": msg.metadata.src_node_id, **status}
+
+
+def _site_privacy(msg: Message) -> dict[str, Any]:
+    metrics = next(iter(msg.content.metric_records.values()), {})
+    keys = ("epsilon", "epsilon-total")
+    return {"node": msg.metadata.src_node_id, **{k: float(metrics[k]) for k in keys if k in metrics}}
+
+
+def client_epsilon(strategy: Strategy, cfg: RunConfig, server_round: int) -> float:
+    """Client-level ε after `server_round` releases: every sampled site counted, no amplification."""
+    sigma = float(getattr(strategy, "noise_multiplier", cfg.client_dp_noise_multiplier))
+    return privacy.epsilon([(sigma, 1.0, server_round)], cfg.dp_target_delta)
 
 
 def _send(grid: Grid, messages, cfg: RunConfig) -> list[Message]:
@@ -132,6 +167,7 @@ def progress_line(result: RoundResult, rounds: int, elapsed: float) -> str:
     parts += [f"{short} {ev[key]:.3f}" for key, short in SHOWN if key in ev]
     if "epsilon-max" in tr:
         parts.append(f"eps_max {tr['epsilon-max']:.2f}")
-    parts += [f"sites {result.sites_ok}/{result.sites_ok + result.sites_failed}",
+    refused = f" ({len(result.refused)} refused)" if result.refused else ""
+    parts += [f"sites {result.sites_ok}/{result.sites_ok + result.sites_failed + len(result.refused)}{refused}",
               f"{elapsed:.0f}s elapsed, eta {eta:.0f}s"]
     return " | ".join(parts)

@@ -1,0 +1,112 @@
+"""One server round against an in-memory grid: refusals, failures and client-level DP."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import RunConfig
+from common.errors import FedhospError
+from common.protocol import BUDGET_SPENT, STATUS
+from server.app import play_round
+from server.strategies import build_strategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the running task's ids; outside an engine, give it one."""
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+SHAPE = (200, 50)  # 10,000 coordinates: enough for a noise std estimate
+
+
+class Grid:
+    """The two calls our round makes; each node answers with `behaviour(node_id, message)`."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            TaskIdentity.node_id = m.metadata.dst_node_id  # the reply is stamped as coming from it
+            replies.append(Message(self.behaviour(m.metadata.dst_node_id, m), reply_to=m))
+        return replies
+
+
+def _update(delta, examples):
+    def behaviour(node, msg):
+        if msg.metadata.message_type.startswith("evaluate"):
+            return RecordDict({"metrics": MetricRecord({"num-examples": 10, "site-weight": 1, "loss": 1.0,
+                                                            "accuracy": 0.5})})
+        w = msg.content["arrays"]["w"].numpy() + delta[node]
+        metrics = {"num-examples": examples[node], "site-weight": 1, "train-loss": 0.5, "epsilon": float(node)}
+        return RecordDict({"arrays": _record(w), "metrics": MetricRecord(metrics)})
+    return behaviour
+
+
+def _record(w):
+    return ArrayRecord({"w": Array(np.asarray(w, dtype=np.float64))})
+
+
+def _refuse(node, msg, inner):
+    if node == 3 and msg.metadata.message_type.startswith("train"):
+        return RecordDict({STATUS: ConfigRecord({STATUS: BUDGET_SPENT, "epsilon-total": 7.9,
+                                                 "privacy-budget": 8.0, "epsilon-next": 8.4})})
+    return inner(node, msg)
+
+
+def _round(cfg, behaviour):
+    start = _record(np.zeros(SHAPE))
+    arrays, result = play_round(Grid(behaviour), build_strategy(cfg), start, cfg, 1)
+    return arrays["w"].numpy(), result
+
+
+CFG = RunConfig(min_available_sites=3)
+DELTAS = {1: np.full(SHAPE, 1.0), 2: np.full(SHAPE, 3.0), 3: np.full(SHAPE, 100.0)}
+
+
+def test_a_refusing_site_is_left_out_logged_and_counted():
+    w, result = _round(CFG, lambda n, m: _refuse(n, m, _update(DELTAS, {1: 100, 2: 300, 3: 50})))
+    assert np.allclose(w, (1.0 * 100 + 3.0 * 300) / 400)  # FedAvg of the two that trained
+    assert result.sites_ok == 2 and result.sites_failed == 0
+    assert result.refused == [{"node": 3, STATUS: BUDGET_SPENT, "epsilon-total": 7.9, "privacy-budget": 8.0,
+                               "epsilon-next": 8.4}]
+    assert sorted(s["node"] for s in result.sites) == [1, 2]
+    assert result.to_json()["sites_refused"] == 1
+
+
+def test_when_every_site_refuses_the_run_stops_with_the_reason():
+    def all_refuse(node, msg):
+        return _refuse(3, msg, _update(DELTAS, {1: 1, 2: 1, 3: 1}))
+
+    with pytest.raises(FedhospError, match="3 refused: privacy budget spent"):
+        _round(CFG, all_refuse)
+
+
+def test_client_level_dp_clips_each_site_and_averages_uniformly():
+    cfg = RunConfig(min_available_sites=3, client_dp="fixed", client_dp_clipping_norm=1.0,
+                    client_dp_noise_multiplier=1e-12)  # (practically) no noise: check the clipping
+    w, result = _round(cfg, _update(DELTAS, {1: 100, 2: 300, 3: 50}))
+    # every update has norm >> 1, so each is scaled to norm 1; the mean ignores example counts
+    per_site = [d / np.linalg.norm(d) for d in DELTAS.values()]
+    assert np.allclose(w, np.mean(per_site, axis=0), atol=1e-9)
+    assert result.train["client-epsilon"] > 0
+
+
+def test_client_level_dp_noise_has_the_calibrated_std():
+    np.random.seed(7)  # Flower's wrapper draws from numpy's global generator
+    sigma, clip = 0.8, 2.0
+    cfg = RunConfig(min_available_sites=3, client_dp="fixed", client_dp_clipping_norm=clip,
+                    client_dp_noise_multiplier=sigma)
+    zero = {n: np.full(SHAPE, 1e-12) for n in (1, 2, 3)}  # (Flower's clip divides by the norm)
+    w, _ = _round(cfg, _update(zero, {1: 1, 2: 1, 3: 1}))
+    expected = sigma * clip / 3  # Gaussian mechanism on the mean of 3 clipped updates
+    assert w.std() == pytest.approx(expected, rel=5 / np.sqrt(2 * w.size))
