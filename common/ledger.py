@@ -133,6 +133,21 @@ class PrivacyLedger:
             )
 
 
+def statement(book: PrivacyLedger) -> dict[str, Any]:
+    """The ledger as an auditor reads it: each round with ε of its run and of all runs so far."""
+    entries = book.entries()
+    delta = book.delta()
+    rows = []
+    for i, e in enumerate(entries):
+        rows.append({
+            **{k: v for k, v in e.to_json().items() if k != "history"},
+            "epsilon-run": epsilon(concat(x for x in entries[: i + 1] if x.run == e.run), delta),
+            "epsilon-total": epsilon(concat(entries[: i + 1]), delta),
+        })
+    return {"ledger": str(book.path), "delta": delta, "rounds": rows,
+            "runs": sorted({e.run for e in entries}), "epsilon-total": rows[-1]["epsilon-total"] if rows else 0.0}
+
+
 def concat(entries: Iterable[Entry]) -> History:
     return [h for e in entries for h in e.history]
 

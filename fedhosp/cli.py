@@ -6,6 +6,7 @@ Every FedhospError becomes one `error: ...` line and exit status 2, no traceback
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="any run setting, as for `flwr run --run-config`")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     sim.set_defaults(handler=cmd_simulate)
+
+    ledger = sub.add_parser("ledger", help="a site's privacy ledger")
+    ledger_sub = ledger.add_subparsers(required=True, metavar="ACTION")
+    show = ledger_sub.add_parser("show", help="print every DP round this site trained, with ε over all runs")
+    show.add_argument("--site", type=Path, required=True, help="the site's state folder (where its ledger lives)")
+    show.add_argument("--budget", type=float, default=None, help="the site's total ε budget, to show what is left")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=cmd_ledger_show)
     return parser
 
 
@@ -147,6 +156,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     log.info(final)
     print(f"results: {results}")
     return 0
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    from common.ledger import PrivacyLedger, statement
+
+    if not args.site.is_dir():
+        raise ConfigError(f"--site {args.site}: no such folder; pass the site's state folder")
+    report = statement(PrivacyLedger(args.site))
+    if args.budget is not None:
+        report["privacy-budget"] = args.budget
+        report["remaining"] = max(0.0, args.budget - report["epsilon-total"])
+    print(json.dumps(report, indent=1) if args.json else format_ledger(report))
+    return 0
+
+
+def format_ledger(report: dict[str, Any]) -> str:
+    head = f"{'run':<24} {'round':>5} {'sigma':>7} {'q':>8} {'steps':>6} {'delta':>8} {'eps run':>8} " \
+           f"{'eps total':>9}  time"
+    lines = [f"privacy ledger {report['ledger']}: {len(report['rounds'])} DP rounds in {len(report['runs'])} run(s), "
+             "hash chain verified", head]
+    for r in report["rounds"]:
+        lines.append(f"{r['run'][:24]:<24} {r['round']:>5} {r['noise_multiplier']:>7.3f} {r['sample_rate']:>8.4f} "
+                     f"{r['steps']:>6} {r['delta']:>8.0e} {r['epsilon-run']:>8.3f} {r['epsilon-total']:>9.3f}  "
+                     f"{r['time']}")
+    total = f"total ε = {report['epsilon-total']:.3f} at δ = {report['delta']:g} (Opacus RDP over every round above)"
+    if "privacy-budget" in report:
+        total += f"; budget {report['privacy-budget']:g}, remaining {report['remaining']:.3f}"
+    return "\n".join([*lines, total])
 
 
 if __name__ == "__main__":

@@ -123,3 +123,22 @@ def test_a_crash_between_ledger_and_anchor_loses_nothing(tmp_path):
     assert [e.round for e in book.entries()] == [1, 2]
     book.append(_entry(3))
     assert json.loads((tmp_path / ANCHOR_FILE).read_text())["entries"] == 3
+
+
+def test_ledger_show_prints_every_round_and_the_total(tmp_path, capsys):
+    from fedhosp.cli import main
+
+    book = PrivacyLedger(tmp_path)
+    for run in ("study-a", "study-b"):
+        for i in (1, 2):
+            book.append(Entry(run, i, 1.1, 0.1, 10, 1e-5, [(1.1, 0.1, 10)]))
+    assert main(["ledger", "show", "--site", str(tmp_path), "--budget", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "4 DP rounds in 2 run(s)" in out and out.count("study-") == 4
+    total = _opacus_epsilon(book.entries(), 1e-5)
+    assert f"total ε = {total:.3f}" in out and f"remaining {20 - total:.3f}" in out
+    assert main(["ledger", "show", "--site", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["epsilon-total"] == pytest.approx(total, rel=1e-9)
+    assert report["rounds"][1]["epsilon-run"] == pytest.approx(report["rounds"][3]["epsilon-run"])
+    assert main(["ledger", "show", "--site", str(tmp_path / "nope")]) == 2
