@@ -1,8 +1,14 @@
 """Decoded images cached on the site's own disk, so rounds after the first decode nothing.
 
-The key covers every file's name, size and modification time plus the decode
-settings, so an edited archive or a new image size is decoded afresh; the cache
-is safe to delete and lives in the site's state folder, never shared.
+The key is what the files contain (their sha256, see `digests`) plus each example's
+name, label, frame and the decode settings: a copied or restored archive hits the
+cache, an edited file or a new image size is decoded afresh. The site passes its own
+state folder, so a cache is never shared across sites, and it is safe to delete: a
+missing or damaged cache file is simply decoded again.
+
+Every frame of a multi-frame file becomes its own row (`file.dcm#3`), with the file's
+label; rows also carry the unit the train/validation split keeps together (`groups`)
+and any split the source fixed (`splits`).
 """
 
 from __future__ import annotations
@@ -17,30 +23,36 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.sources import Example
+from common.data import digests
+from common.data.example import Example
 from common.errors import DataError, FedhospError, MaskMismatch
 
 log = logging.getLogger(__name__)
-FORMAT = 2
+FORMAT = 3
+DIGESTS = "digests.json"
 
 
 @dataclass(frozen=True)
 class Decoded:
     images: np.ndarray  # (N, H, W) float16 in [0, 1]
     targets: np.ndarray  # (N,) class indices, or (N, H, W) class maps for segmentation
-    names: tuple[str, ...]  # file names relative to the data folder: stay on site
+    names: tuple[str, ...]  # file names relative to the data folder (`#k` for frame k): stay on site
     skipped: tuple[tuple[str, str], ...]  # (file, reason) for files that could not be used
+    groups: tuple[str, ...] = ()  # per row: what stays on one side of the split (file, series, study)
+    splits: tuple[str, ...] = ()  # per row: "train" / "val" where the source fixed it, else ""
 
 
-def cache_key(examples: Sequence[Example], root: Path, params: dict) -> str:
-    digest = hashlib.sha256(json.dumps({"format": FORMAT, **params}, sort_keys=True).encode())
+def cache_key(examples: Sequence[Example], root: Path, params: dict, cache_dir: Path | None = None) -> str:
+    """A digest of the files' contents, the examples and `params`; `cache_dir` reuses saved file digests."""
+    if cache_dir is not None:
+        digests.load(Path(cache_dir) / DIGESTS)
+    key = hashlib.sha256(json.dumps({"format": FORMAT, **params}, sort_keys=True).encode())
     for e in examples:
-        st = e.path.stat()
-        digest.update(f"{e.path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{e.label}\n".encode())
+        fields = [_base(e, root), digests.digest(e.path), e.label, e.frame, e.split, e.group]
         if e.mask is not None:
-            mt = e.mask.stat()
-            digest.update(f"{e.mask.relative_to(root)}|{mt.st_size}|{mt.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:32]
+            fields += [str(e.mask.relative_to(root)), digests.digest(e.mask)]
+        key.update(json.dumps(fields).encode() + b"\n")
+    return key.hexdigest()[:32]
 
 
 def load_or_decode(
@@ -51,43 +63,63 @@ def load_or_decode(
     decode: Callable[[Example], tuple[np.ndarray, np.ndarray | int]],
 ) -> Decoded:
     """Decode every example once; unreadable files are skipped and listed, not fatal."""
-    path = Path(cache_dir) / f"decoded-{cache_key(examples, root, params)}.npz"
+    cache_dir = Path(cache_dir)
+    hashed_before = digests.hashed
+    path = cache_dir / f"decoded-{cache_key(examples, root, params, cache_dir)}.npz"
+    decoded = None
     if path.is_file():
         try:
-            return _read(path)
+            decoded = _read(path)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("decode cache %s is unreadable (%s); decoding again", path.name, exc)
-    decoded = _decode_all(examples, root, decode)
-    _write(path, decoded)
+    if decoded is None:
+        decoded = _decode_all(examples, root, decode)
+        _write(path, decoded)
+    if digests.hashed != hashed_before:
+        files = {e.path for e in examples} | {e.mask for e in examples if e.mask is not None}
+        digests.save(cache_dir / DIGESTS, files)
     return decoded
 
 
+def _base(e: Example, root: Path) -> str:
+    name = str(e.path.relative_to(root))
+    return f"{name}:{e.member}" if e.member else name
+
+
 def _decode_all(examples, root, decode) -> Decoded:
-    images, targets, names, skipped = [], [], [], []
+    images, targets, names, groups, splits, skipped = [], [], [], [], [], []
     for e in examples:
-        name = str(e.path.relative_to(root))
+        base = _base(e, root)
         try:
             image, target = decode(e)
         except MaskMismatch:
             raise
         except FedhospError as exc:
-            skipped.append((name, str(exc)))
+            skipped.append((str(e.path.relative_to(root)), str(exc)))
             continue
-        images.append(image.astype(np.float16))
-        targets.append(target)
-        names.append(name)
+        stack = image if image.ndim == 3 else image[None]
+        per_frame = isinstance(target, np.ndarray) and target.ndim == 3
+        for k, frame_image in enumerate(stack):
+            frame = e.frame if e.frame is not None else (k if len(stack) > 1 else None)
+            name = base if frame is None else f"{base}#{frame}"
+            images.append(frame_image.astype(np.float16))
+            targets.append(target[k] if per_frame else target)
+            names.append(name)
+            groups.append(e.group or (name if e.member else base))
+            splits.append(e.split)
     if skipped:
         log.warning("skipped %d of %d files that could not be decoded", len(skipped), len(examples))
     if not images:
         raise DataError(f"none of the {len(examples)} files in {root} could be decoded")
-    return Decoded(np.stack(images), np.asarray(targets, dtype=np.int64), tuple(names), tuple(skipped))
+    return Decoded(np.stack(images), np.asarray(targets, dtype=np.int64), tuple(names), tuple(skipped),
+                   tuple(groups), tuple(splits))
 
 
 def _write(path: Path, d: Decoded) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, images=d.images, targets=d.targets.astype(np.uint8 if d.targets.max() < 256 else np.int64),
-             names=np.asarray(d.names),
+             names=np.asarray(d.names), groups=np.asarray(d.groups), splits=np.asarray(d.splits),
              skipped=np.asarray(d.skipped, dtype=str).reshape(-1, 2))
     os.replace(tmp, path)
 
@@ -96,4 +128,5 @@ def _read(path: Path) -> Decoded:
     with np.load(path, allow_pickle=False) as z:
         skipped = tuple((str(a), str(b)) for a, b in z["skipped"])
         targets = z["targets"].astype(np.int64)
-        return Decoded(z["images"], targets, tuple(str(n) for n in z["names"]), skipped)
+        return Decoded(z["images"], targets, tuple(str(n) for n in z["names"]), skipped,
+                       tuple(str(g) for g in z["groups"]), tuple(str(s) for s in z["splits"]))

@@ -1,72 +1,64 @@
-"""Where a site's examples come from: a folder of images with a manifest.
+"""Where a site's examples come from: one small contract, whatever the hospital's layout.
 
-Classification: `labels.csv` with columns `file,label` (label a class index).
-Segmentation: `masks.csv` with columns `file,mask` (mask a PNG, NPY or DICOM SEG).
-Images are DICOM files (or PNG/JPEG); paths in a manifest are relative to the folder.
+Every source yields `Example`s; `load(root, task)` picks the source from what is on disk:
+1. a manifest, `labels.csv` (`file,label`, or `series,label` / `study,label` by DICOM UID)
+   or, for segmentation, `masks.csv` (`file,mask`): images are DICOM, PNG or JPEG;
+2. a MedMNIST-style `.npz` (train/val/test arrays; its splits are kept);
+3. class sub-folders: `root/<class>/...`, the folder name is the label.
+Paths in a manifest are relative to the folder.
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
 from pathlib import Path
 
+from common.data import folders, manifest, npz
+from common.data.example import (
+    DICOM_SUFFIXES,
+    MANIFEST,
+    MANIFESTS,
+    MASK_MANIFEST,
+    RASTER_SUFFIXES,
+    Example,
+    image_files,
+    is_image_file,
+)
 from common.errors import DataError
 
-MANIFEST = "labels.csv"
-MASK_MANIFEST = "masks.csv"
-MANIFESTS = {"classification": (MANIFEST, "label"), "segmentation": (MASK_MANIFEST, "mask")}
+__all__ = ["DICOM_SUFFIXES", "MANIFEST", "MANIFESTS", "MASK_MANIFEST", "RASTER_SUFFIXES", "Example",
+           "dicom_folder", "image_files", "is_image_file", "load"]
 
 
-@dataclass(frozen=True)
-class Example:
-    path: Path
-    label: int = -1  # classification
-    mask: Path | None = None  # segmentation
+def load(root: Path, task: str = "classification") -> list[Example]:
+    """The examples of a site's folder, from whichever source it holds; DataError names the path otherwise."""
+    root = Path(root)
+    if root.is_file() and root.suffix == ".npz":
+        raise DataError(f"{root} is a file: point the site's data-path at the folder that holds it")
+    manifest_name, column = MANIFESTS[task]
+    if not root.is_dir() or (root / manifest_name).is_file():
+        return dicom_folder(root, task)
+    archives = sorted(root.glob("*.npz"))
+    if archives:
+        return npz.examples(root, archives, task)
+    if task == "classification" and folders.class_folders(root):
+        return folders.examples(root)
+    if not any(root.iterdir()):
+        raise DataError(f"data folder {root} is empty: put the site's DICOM files there")
+    layouts = f"{manifest_name} (file,{column})"
+    if task == "classification":
+        layouts += ", a MedMNIST-style .npz, or one sub-folder of images per class"
+    raise DataError(f"{root} holds none of the layouts fedhosp reads: add {layouts}")
 
 
 def dicom_folder(root: Path, task: str = "classification") -> list[Example]:
-    """The examples of a site's folder; every problem names the file and the fix."""
+    """The examples a manifest lists; every problem names the file and the fix."""
     root = Path(root)
     name, column = MANIFESTS[task]
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist: check the site's data-path")
-    manifest = root / name
-    if not manifest.is_file():
+    path = root / name
+    if not path.is_file():
         if not any(root.iterdir()):
             raise DataError(f"data folder {root} is empty: put the site's DICOM files there")
-        raise DataError(f"{manifest} is missing: add a CSV with columns file,{column}")
-    examples = _read_manifest(manifest, column)
-    if not examples:
-        raise DataError(f"{manifest} lists no files: add one row per image (file,{column})")
-    missing = [e.path.name for e in examples if not e.path.is_file()]
-    missing += [e.mask.name for e in examples if e.mask is not None and not e.mask.is_file()]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DataError(f"{manifest} names {len(missing)} missing file(s): {shown}")
-    return examples
-
-
-def _read_manifest(manifest: Path, column: str) -> list[Example]:
-    with open(manifest, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"file", column} <= set(reader.fieldnames):
-            raise DataError(f"{manifest}: the header must be 'file,{column}', got {reader.fieldnames}")
-        return [_example(manifest, line, row, column) for line, row in enumerate(reader, start=2)]
-
-
-def _example(manifest: Path, line: int, row: dict, column: str) -> Example:
-    path = manifest.parent / row["file"]
-    if column == "mask":
-        if not row["mask"]:
-            raise DataError(f"{manifest} line {line}: no mask for {row['file']}")
-        return Example(path, mask=manifest.parent / row["mask"])
-    try:
-        label = int(row["label"])
-    except (TypeError, ValueError):
-        raise DataError(
-            f"{manifest} line {line}: label {row['label']!r} is not a class index (0, 1, ...)"
-        ) from None
-    if label < 0:
-        raise DataError(f"{manifest} line {line}: label {label} is negative")
-    return Example(path, label=label)
+        raise DataError(f"{path} is missing: add a CSV with columns file,{column}")
+    return manifest.read(path, column)
