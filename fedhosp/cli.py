@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     sim.set_defaults(handler=cmd_simulate)
 
+    insp = sub.add_parser("inspect", help="what a site's data folder holds, and whether it is ready to train")
+    insp.add_argument("data", type=Path, metavar="DATA", help="the site's data folder")
+    insp.add_argument("--task", choices=TASKS, default="classification", help="which manifest to read")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    insp.set_defaults(handler=cmd_inspect)
+
     ledger = sub.add_parser("ledger", help="a site's privacy ledger")
     ledger_sub = ledger.add_subparsers(required=True, metavar="ACTION")
     show = ledger_sub.add_parser("show", help="print every DP round this site trained, with ε over all runs")
@@ -156,6 +162,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     log.info(final)
     print(f"results: {results}")
     return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Exit 0 on go, 1 on no-go: a script can gate round 1 on it."""
+    from common.data import inventory
+
+    report = inventory.inspect(args.data, args.task)
+    print(inventory.to_json(report) if args.json else inventory.render(report))
+    return 0 if report.go else 1
 
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
