@@ -25,7 +25,7 @@ from common.config import site_name
 from common.data.sources import MANIFEST, MASK_MANIFEST
 from common.errors import ConfigError
 
-FORMAT = 2  # bump when the generator changes what it writes
+FORMAT = 3  # bump when the generator changes what it writes
 STORED_SIZE = 128
 BITS_STORED = 12
 MAX_ATTENUATION = 1.2
@@ -184,6 +184,29 @@ def _write_csv(path: Path, header: tuple[str, str], rows: list) -> None:
         writer.writerows(rows)
 
 
+def fake_identifiers(site: int, seed: int, idx: int) -> dict[str, str]:
+    """Recognisable fake patient identifiers, as a real archive's headers hold real ones.
+
+    They let the leakage test prove that nothing from a header ever leaves a site.
+    """
+    day = dt.date(2020, 1, 1) + dt.timedelta(days=(seed * 31 + idx) % 1500)
+    born = dt.date(1940, 1, 1) + dt.timedelta(days=(site * 7919 + idx * 104729) % 25000)
+    tag = f"{site:03d}{idx:06d}"
+    return {
+        "PatientID": f"SYN{tag}",
+        "PatientName": f"Synthetic^Patient{tag}",
+        "PatientBirthDate": born.strftime("%Y%m%d"),
+        "PatientSex": "OF"[idx % 2],
+        "AccessionNumber": f"ACC{tag}",
+        "StudyID": f"ST{tag}",
+        "StudyDate": day.strftime("%Y%m%d"),
+        "StudyTime": f"{8 + idx % 10:02d}{idx % 60:02d}00",
+        "InstitutionName": f"Synthetic General Hospital {site:03d}",
+        "ReferringPhysicianName": f"Fake^Referrer{tag}",
+        "OperatorsName": f"Fake^Operator{site:03d}",
+    }
+
+
 def _dataset(stored: np.ndarray, profile: SiteProfile, seed: int, idx: int) -> Dataset:
     def uid(kind: str) -> str:
         return generate_uid(entropy_srcs=[kind, str(seed), str(profile.index), str(idx)])
@@ -203,10 +226,8 @@ def _dataset(stored: np.ndarray, profile: SiteProfile, seed: int, idx: int) -> D
     ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"
     ds.Manufacturer = f"fedhosp-synthetic-{profile.index}"
-    ds.PatientID = f"SYN{profile.index:03d}{idx:06d}"
-    ds.PatientName = f"Synthetic^Patient{profile.index:03d}{idx:06d}"
-    day = dt.date(2020, 1, 1) + dt.timedelta(days=(seed * 31 + idx) % 1500)
-    ds.StudyDate = day.strftime("%Y%m%d")
+    for keyword, value in fake_identifiers(profile.index, seed, idx).items():
+        setattr(ds, keyword, value)
     ds.SeriesNumber = 1
     ds.InstanceNumber = idx + 1
     ds.Rows, ds.Columns = stored.shape
