@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 SHOWN = (("accuracy", "acc"), ("auc", "auc"), ("dice", "dice"), ("iou", "iou"))
 
 
+class BudgetsSpent(FedhospError):
+    """Every sampled site declined the round: the federation has no privacy budget left to train with."""
+
+
 @dataclass
 class RoundResult:
     server_round: int
@@ -93,14 +97,18 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
     started = time.monotonic()
     result = RoundResult(0)
     for server_round in range(1, cfg.num_server_rounds + 1):
-        arrays, result = play_round(grid, strategy, arrays, cfg, server_round)
+        try:
+            arrays, result = play_round(grid, strategy, arrays, cfg, server_round)
+        except BudgetsSpent as stop:
+            log.warning("%s: the run ends after round %d", stop, server_round - 1)
+            break
         runlog.append(log_path, result.to_json())
         checkpoint.save(out / checkpoint.LAST, arrays.to_torch_state_dict(), cfg.to_mapping(),
                         server_round, result.to_json())
         log.info(progress_line(result, cfg.num_server_rounds, time.monotonic() - started))
     model_path = out / checkpoint.MODEL
     checkpoint.save(model_path, arrays.to_torch_state_dict(), cfg.to_mapping(),
-                    cfg.num_server_rounds, result.to_json())
+                    result.server_round, result.to_json())
     log.info("global model: %s", model_path)
     return model_path
 
@@ -118,6 +126,8 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     result.sites_failed = len(replies) - result.sites_ok
     result.sites = [_site_privacy(m) for m in replies if not m.has_error()]
     new_arrays, train_metrics = strategy.aggregate_train(server_round, replies) if result.sites_ok else (None, None)
+    if result.refused and not replies:
+        raise BudgetsSpent(f"round {server_round}: every site refused to train, its privacy budget spent")
     if new_arrays is None:
         reasons = sorted({m.error.reason for m in replies if m.has_error()})
         if result.refused:

@@ -6,9 +6,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
-from common.errors import FedhospError
 from common.protocol import BUDGET_SPENT, STATUS
-from server.app import play_round
+from server.app import BudgetsSpent, play_round
 from server.strategies import build_strategy
 
 
@@ -87,7 +86,7 @@ def test_when_every_site_refuses_the_run_stops_with_the_reason():
     def all_refuse(node, msg):
         return _refuse(3, msg, _update(DELTAS, {1: 1, 2: 1, 3: 1}))
 
-    with pytest.raises(FedhospError, match="3 refused: privacy budget spent"):
+    with pytest.raises(BudgetsSpent, match="every site refused"):
         _round(CFG, all_refuse)
 
 
