@@ -129,14 +129,14 @@ class Site:
             self.run.dp_target_epsilon, self.run.dp_target_delta, len(train_set), self.run.batch_size,
             self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm,
         )
-        book = ledger.PrivacyLedger(Path(self.config.state_dir))
-        self._check_budget(book, dp)
-        engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
-        metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device,
-                                               training.LOSSES[self.run.task])
-        spent = [tuple(h) for h in engine.accountant.history]
-        book.append(ledger.Entry(run_id, server_round, dp.noise_multiplier, dp.sample_rate,
-                                 sum(n for _, _, n in spent), dp.delta, spent))
+        with ledger.PrivacyLedger(Path(self.config.state_dir)).locked() as book:
+            self._check_budget(book, dp)
+            engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
+            metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device,
+                                                   training.LOSSES[self.run.task])
+            spent = [tuple(h) for h in engine.accountant.history]
+            book.append(ledger.Entry(run_id, server_round, dp.noise_multiplier, dp.sample_rate,
+                                     sum(n for _, _, n in spent), dp.delta, spent))
         metrics["epsilon"] = privacy.epsilon(book.history(run_id), dp.delta)
         metrics["epsilon-total"] = book.total_epsilon()
         metrics["noise-multiplier"] = dp.noise_multiplier

@@ -15,14 +15,16 @@ ledger, so a budget cannot be reset by accident. Both files are written atomical
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from common.errors import PrivacyLedgerError
 from common.privacy import History, epsilon
@@ -64,6 +66,7 @@ class PrivacyLedger:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / LEDGER_FILE
         self.anchor = Path(state_dir) / ANCHOR_FILE
+        self._lock: IO[str] | None = None
 
     def entries(self) -> list[Entry]:
         return [Entry.from_json(e["entry"]) for e in self._read()]
@@ -84,8 +87,28 @@ class PrivacyLedger:
         """ε over every run so far plus `extra` steps, at the smaller of `delta` and the ledger's δ."""
         return epsilon(self.history() + list(extra), self.delta(delta))
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[PrivacyLedger]:
+        """Hold the site's ledger from the budget check to the append: two runs training on one
+        site at once must not both pass the check on the same total."""
+        if self._lock is not None:
+            yield self
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._lock = lock
+            try:
+                yield self
+            finally:
+                self._lock = None
+
     def append(self, entry: Entry) -> None:
         """Add one round; the write is atomic and extends the hash chain."""
+        with self.locked():
+            self._append(entry)
+
+    def _append(self, entry: Entry) -> None:
         records = self._read()
         stamped = Entry(**{**asdict(entry), "history": entry.history,
                            "time": entry.time or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
