@@ -65,7 +65,10 @@ def frames_of(ds: pydicom.Dataset, name: str, window: str = "auto", index: int |
                          for i, frame in enumerate(stored)])
     except DataError as exc:
         raise DataError(f"{name}: {exc}") from exc
-    except Exception as exc:  # a damaged file fails inside pydicom or a plugin in many ways; none may stop a site
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a damaged file fails in pydicom or a plugin in many ways (pylibjpeg-rle's
+        # Rust panics are BaseExceptions); none may stop a site
         raise DataError(f"{name}: cannot decode the pixel data ({_reason(exc)})") from exc
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from common.errors import DataError
@@ -53,8 +54,9 @@ def check(ds: pydicom.Dataset) -> None:
     """Refuse what cannot be a 2D image before decoding: every reason is one line for the site's report."""
     if not any(k in ds for k in PIXEL_KEYWORDS):
         kind = UID(str(ds.get("SOPClassUID", ""))).name
-        raise DataError(f"no pixel data: a {kind} object, not an image" if kind else
-                        "no pixel data element (the file may be truncated)")
+        if kind and "Image" not in kind:
+            raise DataError(f"no pixel data: a {kind} object, not an image")
+        raise DataError(f"no pixel data element{f' in this {kind}' if kind else ''}: is the file truncated?")
     if ds.get("Modality") == "SEG":
         raise DataError("a DICOM SEG (segmentation) object: list it as a mask in masks.csv, not as an image")
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
@@ -92,12 +94,30 @@ def decode(ds: pydicom.Dataset, index: int | None = None) -> tuple[np.ndarray, s
         raise DataError(missing_plugin(uid))
     if index is not None and not 0 <= index < number_of_frames(ds):
         raise DataError(f"frame {index} does not exist: the file has {number_of_frames(ds)} frame(s)")
-    array, meta = decoder.as_array(ds, index=index)
-    one_frame = index is not None or number_of_frames(ds) == 1
-    if one_frame:
+    if decoder.is_native:
+        _check_length(ds)
+    try:
+        array, meta = decoder.as_array(ds, index=index)
+    except StopIteration:  # an encapsulated frame that is not there
+        raise DataError(f"the pixel data holds fewer frames than NumberOfFrames ({number_of_frames(ds)})") from None
+    frames = 1 if index is not None else number_of_frames(ds)
+    if array.ndim == 2 + (int(ds.get("SamplesPerPixel") or 1) > 1):  # one frame comes without a frame axis
         array = array[None]
+    if len(array) != frames:
+        raise DataError(f"the pixel data holds {len(array)} frames but the header says {frames}: "
+                        "Rows, Columns, BitsAllocated or NumberOfFrames is wrong")
     photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
     return array, photometric
+
+
+def _check_length(ds: pydicom.Dataset) -> None:
+    """Native pixel data far longer than its header describes means a wrong header: decoding
+    it anyway would cut it into thousands of meaningless frames (pydicom tolerates excess)."""
+    keyword = next(k for k in PIXEL_KEYWORDS if k in ds)
+    actual, expected = len(ds[keyword].value), get_expected_length(ds)
+    if actual > 2 * expected + 2:
+        raise DataError(f"the pixel data is {actual} bytes but Rows x Columns x frames x BitsAllocated describe "
+                        f"{expected}: the header is corrupt")
 
 
 def missing_plugin(uid: UID) -> str:
