@@ -31,3 +31,7 @@ class MaskMismatch(DataError):
 
 class PrivacyLedgerError(FedhospError):
     """A site's privacy ledger is missing, altered or unreadable: its budget cannot be trusted."""
+
+
+class ModelFileError(FedhospError):
+    """A model file cannot be used here: another format version, no model card, or the wrong task."""

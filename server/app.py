@@ -107,8 +107,8 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
                         server_round, result.to_json())
         log.info(progress_line(result, cfg.num_server_rounds, time.monotonic() - started))
     model_path = out / checkpoint.MODEL
-    checkpoint.save(model_path, arrays.to_torch_state_dict(), cfg.to_mapping(),
-                    result.server_round, result.to_json())
+    checkpoint.save(model_path, arrays.to_torch_state_dict(), cfg.to_mapping(), result.server_round,
+                    result.to_json(), card=checkpoint.model_card(cfg, runlog.read(log_path)))
     log.info("global model: %s", model_path)
     return model_path
 
