@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+from typing import Any
+
 import numpy as np
 import torch
+from sklearn import exceptions as skm_exceptions
+from sklearn import metrics as skm
 from sklearn.metrics import roc_auc_score
-from torchmetrics.functional.classification import multiclass_jaccard_index
-from torchmetrics.functional.segmentation import dice_score
+from torchmetrics.functional.classification import (
+    binary_calibration_error,
+    multiclass_calibration_error,
+    multiclass_jaccard_index,
+)
+from torchmetrics.functional.segmentation import dice_score, hausdorff_distance
+
+ECE_BINS = 15
 
 
 def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -35,3 +47,91 @@ def segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> 
                       input_format="index", aggregation_level="global")
     iou = multiclass_jaccard_index(pred, target, num_classes=num_classes, average="none")[1:].mean()
     return {"dice": float(dice.mean()), "iou": float(iou)}
+
+
+def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """The clinical metrics of a labelled set: scikit-learn, and torchmetrics for calibration.
+
+    Two classes: sensitivity, precision and F1 are for class 1 (the finding), specificity
+    is class 0's recall. More classes: each is the unweighted mean over classes (macro).
+    An undefined value (no positive case, no positive prediction) is None, never 0.
+    """
+    num_classes = probs.shape[1]
+    pred = probs.argmax(axis=1)
+    classes = list(range(num_classes))
+    binary = num_classes == 2
+    avg: dict[str, Any] = {"average": "binary", "pos_label": 1} if binary else {"average": "macro", "labels": classes}
+    with warnings.catch_warnings():  # undefined values are reported as None below, not as warnings
+        warnings.simplefilter("ignore", skm_exceptions.UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="A single label was found")
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        report = _classification(labels, probs, pred, classes, avg)
+    report["averaging"] = "class 1 is positive" if binary else "macro over classes"
+    return {k: _plain(v) for k, v in report.items()}
+
+
+def _classification(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, classes: list[int],
+                    avg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "images": len(labels),
+        "accuracy": skm.accuracy_score(labels, pred),
+        "balanced-accuracy": skm.balanced_accuracy_score(labels, pred),
+        "sensitivity": skm.recall_score(labels, pred, zero_division=np.nan, **avg),
+        "specificity": _specificity(labels, pred, classes),
+        "precision": skm.precision_score(labels, pred, zero_division=np.nan, **avg),
+        "recall": skm.recall_score(labels, pred, zero_division=np.nan, **avg),
+        "f1": skm.f1_score(labels, pred, zero_division=np.nan, **avg),
+        "auc": roc_auc(labels, probs),
+        "ece": calibration_error(labels, probs),
+        "confusion-matrix": skm.confusion_matrix(labels, pred, labels=classes).tolist(),
+    }
+
+
+def _specificity(labels: np.ndarray, pred: np.ndarray, classes: list[int]) -> float:
+    """TN / (TN + FP): class 0's recall for two classes, else the mean of each class's one-vs-rest value."""
+    if len(classes) == 2:
+        return skm.recall_score(labels, pred, pos_label=0, average="binary", zero_division=np.nan)
+    per_class = skm.multilabel_confusion_matrix(labels, pred, labels=classes)  # [[tn, fp], [fn, tp]]
+    values = [tn / (tn + fp) for (tn, fp), _ in per_class if tn + fp > 0]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error (L1, equal-width bins), torchmetrics.
+
+    Two classes: of the predicted probability of class 1 against the truth (the reliability
+    diagram's ECE); more classes: of the top class's confidence against being right.
+    """
+    p, t = torch.from_numpy(np.asarray(probs, dtype=np.float64)), torch.from_numpy(np.asarray(labels))
+    if probs.shape[1] == 2:
+        return float(binary_calibration_error(p[:, 1].contiguous(), t, n_bins=n_bins))
+    return float(multiclass_calibration_error(p, t, num_classes=probs.shape[1], n_bins=n_bins))
+
+
+def hausdorff(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Mean symmetric Hausdorff distance (pixels at the model's input size), torchmetrics, per image and class.
+
+    It is only defined where both the prediction and the truth hold the class: the other
+    images are counted instead (`hausdorff-undefined`: a lesion missed or a false alarm).
+    """
+    distances, undefined = [], 0
+    for p, t in zip(pred, target, strict=True):
+        for c in range(1, num_classes):
+            pc, tc = (p == c).long(), (t == c).long()
+            has_p, has_t = bool(pc.any()), bool(tc.any())
+            if has_p and has_t:
+                d = hausdorff_distance(pc[None], tc[None], num_classes=2, input_format="index")
+                distances.append(float(d))
+            elif has_p or has_t:
+                undefined += 1
+    mean = float(np.mean(distances)) if distances else None
+    return {"hausdorff": mean, "hausdorff-images": len(distances), "hausdorff-undefined": undefined}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: numpy scalars to Python, NaN (undefined) to None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
