@@ -1,13 +1,18 @@
-"""Shared fixtures: tiny synthetic hospitals written once per session."""
+"""Shared fixtures: tiny synthetic hospitals and a trained classifier, made once per session."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import ConcatDataset, DataLoader
 
-from common.data import synthetic
+from common import training
+from common.config import RunConfig
+from common.data import sources, split, synthetic
+from common.models import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +27,60 @@ def hospitals(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hospitals")
     synthetic.write_hospitals(root, num_sites=2, seed=3, images_per_site=40)
     return root
+
+
+@dataclass(frozen=True)
+class TrainedClassifier:
+    """A SmallCNN trained on two synthetic sites, its model file, and what the server reported for it."""
+
+    root: Path  # site-000/, site-001/ (DICOM, labels.csv, masks.csv)
+    model_path: Path  # model.pt with its model card, as server/checkpoint.py writes it
+    model: torch.nn.Module
+    run: RunConfig
+    val_names: dict[str, list[str]]  # per site: the files of its validation split
+    server_evaluate: dict[str, float]  # the sites' evaluate replies, aggregated by the server's strategy
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory) -> TrainedClassifier:
+    """Trained without DP on the sites' own training splits (~700 images, 20 epochs, ~15 s on one core).
+
+    The sites decode, split and evaluate with client/site.py's own code, and the server's
+    metric aggregation makes the accuracy the server would have reported.
+    """
+    from flwr.app import MetricRecord, RecordDict
+
+    from client.site import Site
+    from common.config import SiteConfig
+    from common.weights import plain_state_dict, to_record
+    from server import checkpoint
+    from server.app import RoundResult
+    from server.strategies import aggregate_metrics
+
+    base = tmp_path_factory.mktemp("trained")
+    synthetic.write_hospitals(base / "hospitals", num_sites=2, seed=21, images_per_site=400)
+    run = RunConfig(dp_enabled=False, client_threads=1)
+    sites = [Site(run, SiteConfig(str(base / "hospitals" / name), str(base / "state" / name), "cpu"), i)
+             for i, name in enumerate(("site-000", "site-001"))]
+    torch.manual_seed(0)
+    model = build_model("classification", "cnn", image_size=run.image_size)
+    train_sets = ConcatDataset([site.data()[0] for site in sites])
+    loader = DataLoader(train_sets, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    training.train(model, loader, optimizer, epochs=20, device=torch.device("cpu"))
+    replies = [RecordDict({"metrics": MetricRecord(site.evaluate(to_record(model)))}) for site in sites]
+    evaluate = dict(aggregate_metrics(replies))
+    record = RoundResult(1, evaluate=evaluate, sites_ok=len(sites)).to_json()
+    model_path = base / "model.pt"
+    checkpoint.save(model_path, plain_state_dict(model), run.to_mapping(), 1, record,
+                    card=checkpoint.model_card(run, [record]))
+    return TrainedClassifier(base / "hospitals", model_path, model.eval(), run,
+                             {Path(s.config.data_path).name: _val_names(s) for s in sites}, evaluate)
+
+
+def _val_names(site) -> list[str]:
+    """The files of a site's validation split, chosen as Site.data() chooses them."""
+    root = Path(site.config.data_path)
+    names = [str(e.path.relative_to(root)) for e in sources.dicom_folder(root)]
+    return [n for n, v in zip(names, split.validation_mask(names, site.run.val_fraction, site.run.seed),
+                              strict=True) if v]
