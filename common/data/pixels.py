@@ -53,7 +53,8 @@ def number_of_frames(ds: pydicom.Dataset) -> int:
 def check(ds: pydicom.Dataset) -> None:
     """Refuse what cannot be a 2D image before decoding: every reason is one line for the site's report."""
     if not any(k in ds for k in PIXEL_KEYWORDS):
-        kind = UID(str(ds.get("SOPClassUID", ""))).name
+        meta = ds.get("file_meta") or {}
+        kind = UID(str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")).name
         if kind and "Image" not in kind:
             raise DataError(f"no pixel data: a {kind} object, not an image")
         raise DataError(f"no pixel data element{f' in this {kind}' if kind else ''}: is the file truncated?")
