@@ -109,4 +109,6 @@ def _voi_lut(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 
 
 def _unit(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0).astype(np.float32)
+    """float32 in [0, 1], NaN (float pixel data) as 0; in place on the fresh array pydicom returned."""
+    values = np.nan_to_num(values, copy=False, nan=0.0)
+    return np.clip(values, 0.0, 1.0, out=values).astype(np.float32)
