@@ -12,13 +12,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import local_state
 from client.site import Site, site_from_context
+from common import drift
 from common.config import RunConfig
 from common.errors import PrivacyBudgetExceeded
 from common.protocol import BUDGET_SPENT, STATUS
+from common.protocol import SCAFFOLD_CONTROL as CONTROL
+from common.protocol import SCAFFOLD_DELTA as DELTA
 
 log = logging.getLogger(__name__)
 ROUND_KEY = "server-round"
@@ -49,19 +54,43 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Mes
 @_guarded
 def train(msg: Message, context: Context) -> RecordDict:
     site, server_round = _site(msg, context)
+    run_id = str(context.run_id)
+    control = msg.content.get(CONTROL)
+    correction, own = scaffold_correction(site, run_id, control) if control is not None else (None, None)
     try:
-        arrays, metrics = site.train(msg.content["arrays"], server_round, str(context.run_id))
+        arrays, metrics = site.train(msg.content["arrays"], server_round, run_id, correction)
     except PrivacyBudgetExceeded as refusal:
         log.warning("round %d refused: %s", server_round, refusal)
         return RecordDict({STATUS: ConfigRecord({
             STATUS: BUDGET_SPENT, "epsilon-total": refusal.spent, "privacy-budget": refusal.budget,
             "epsilon-next": refusal.would_be,
         })})
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    if control is not None:
+        reply[DELTA] = scaffold_step(site, run_id, control, own, msg.content["arrays"], arrays, metrics["local-steps"])
+    return reply
+
+
+def scaffold_correction(site: Site, run_id: str, control: ArrayRecord) -> tuple[dict, dict]:
+    """c - c_i for every parameter; c_i is this site's control variate, zero in its first round."""
+    c = control.to_torch_state_dict()
+    own = local_state.load(site.config.state_dir, "scaffold", run_id) or {k: torch.zeros_like(v) for k, v in c.items()}
+    return {k: c[k] - own[k] for k in c}, own
+
+
+def scaffold_step(site: Site, run_id: str, control: ArrayRecord, own: dict, start: ArrayRecord, end: ArrayRecord,
+                  steps: int) -> ArrayRecord:
+    """Update c_i on the site's disk; the change delta c_i is what the server needs."""
+    keys = list(own)
+    c, x, y = control.to_torch_state_dict(), start.to_torch_state_dict(), end.to_torch_state_dict()
+    new, delta = drift.scaffold_update([c[k] for k in keys], [own[k] for k in keys], [x[k] for k in keys],
+                                       [y[k] for k in keys], steps, site.run.learning_rate)
+    local_state.save(site.config.state_dir, "scaffold", run_id, dict(zip(keys, new, strict=True)))
+    return ArrayRecord(dict(zip(keys, delta, strict=True)))
 
 
 @app.evaluate()
 @_guarded
 def evaluate(msg: Message, context: Context) -> RecordDict:
     site, _ = _site(msg, context)
-    return RecordDict({"metrics": MetricRecord(site.evaluate(msg.content["arrays"]))})
+    return RecordDict({"metrics": MetricRecord(site.evaluate(msg.content["arrays"], str(context.run_id)))})

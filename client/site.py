@@ -21,10 +21,12 @@ import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import ledger, privacy, training
+from client import local_state
+from common import drift, ledger, privacy, training
 from common.config import RunConfig, SiteConfig
 from common.data import cache, sources, split
 from common.data.decode import decode_example
+from common.drift import DriftCorrectedSGD
 from common.errors import DataError, PrivacyBudgetExceeded
 from common.models import build_model
 from common.weights import load_record, to_record
@@ -79,10 +81,28 @@ class Site:
             "fix the data or set num-classes"
         )
 
-    def model(self, arrays: ArrayRecord) -> torch.nn.Module:
+    def model(self, arrays: ArrayRecord, run_id: str | None = None) -> torch.nn.Module:
+        """The global model; with local-norm (FedBN), this site's own normalization layers in it."""
         model = build_model(self.run.task, self.run.model, 1, self.run.num_classes, self.run.image_size)
         load_record(model, arrays)
+        norms = local_state.load(self.config.state_dir, "norms", run_id) if self.run.local_norm and run_id else None
+        if norms:
+            model.load_state_dict(norms, strict=False)
         return model.to(self.device)
+
+    def _keep_norms(self, model: torch.nn.Module, run_id: str) -> None:
+        if self.run.local_norm:
+            state = model.state_dict()
+            norms = {k: state[k] for k in local_state.norm_keys(model)}
+            local_state.save(self.config.state_dir, "norms", run_id, norms)
+
+    def _optimizer(self, model: torch.nn.Module, correction: Mapping[str, torch.Tensor] | None) -> DriftCorrectedSGD:
+        named = list(model.named_parameters())
+        return DriftCorrectedSGD(
+            [p for _, p in named], lr=self.run.learning_rate, momentum=self.run.momentum,
+            anchor=drift.snapshot(model) if self.run.proximal_mu else None, mu=self.run.proximal_mu,
+            correction=[correction[n].to(p.device) for n, p in named] if correction is not None else None,
+        )
 
     def _generator(self, server_round: int) -> torch.Generator:
         """Seed this round's shuffling, Poisson sampling and DP noise.
@@ -108,21 +128,29 @@ class Site:
                 f.write(secrets.token_bytes(32))
         return path.read_bytes()
 
-    def train(self, arrays: ArrayRecord, server_round: int, run_id: str) -> tuple[ArrayRecord, dict[str, Any]]:
-        """One round of local training; returns new weights and aggregate metrics only."""
+    def train(
+        self, arrays: ArrayRecord, server_round: int, run_id: str,
+        correction: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[ArrayRecord, dict[str, Any]]:
+        """One round of local training; returns new weights and aggregate metrics only.
+
+        `correction` (SCAFFOLD's c - c_i, by parameter name) is added to every step's gradient.
+        """
         self._set_threads()
         train_set, _ = self.data()
         if len(train_set) == 0:
             raise DataError("the training split is empty: add images or lower val-fraction")
         generator = self._generator(server_round)
-        model = self.model(arrays)
+        model = self.model(arrays, run_id)
         loader = DataLoader(train_set, batch_size=self.run.batch_size, shuffle=True, generator=generator)
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.run.learning_rate, momentum=self.run.momentum)
+        optimizer = self._optimizer(model, correction)
         metrics: dict[str, Any] = {"num-examples": len(train_set), "site-weight": 1}
         if not self.run.dp_enabled:
             self._check_budget(ledger.PrivacyLedger(Path(self.config.state_dir)), None)
             metrics["train-loss"] = training.train(model, loader, optimizer, self.run.local_epochs, self.device,
                                                    training.LOSSES[self.run.task])
+            metrics["local-steps"] = optimizer.steps
+            self._keep_norms(model, run_id)
             return to_record(model), metrics
 
         dp = privacy.plan(
@@ -140,6 +168,8 @@ class Site:
         metrics["epsilon"] = privacy.epsilon(book.history(run_id), dp.delta)
         metrics["epsilon-total"] = book.total_epsilon()
         metrics["noise-multiplier"] = dp.noise_multiplier
+        metrics["local-steps"] = optimizer.original_optimizer.steps
+        self._keep_norms(model, run_id)
         return to_record(model), metrics
 
     @property
@@ -163,19 +193,41 @@ class Site:
                 spent=book.total_epsilon(), budget=self.budget, would_be=would_be,
             )
 
-    def evaluate(self, arrays: ArrayRecord) -> dict[str, Any]:
-        """The global model on this site's held-out split: aggregate metrics only."""
+    def evaluate(self, arrays: ArrayRecord, run_id: str | None = None) -> dict[str, Any]:
+        """The global model on this site's held-out split: aggregate metrics only.
+
+        With local-norm or fine-tune-epochs, also the personalized model's (`personal-*`): this
+        site's normalization layers in it, then fine-tuned on the site's training split. The
+        personalized model never leaves the site; only its metrics do.
+        """
         self._set_threads()
         _, val_set = self.data()
         loader = DataLoader(val_set, batch_size=256)
         result = training.evaluate(self.model(arrays), loader, self.device, self.run.task)
-        reply: dict[str, Any] = {"num-examples": result.num_examples, "site-weight": 1, "loss": result.loss,
-                                 **result.metrics}
+        reply: dict[str, Any] = {"num-examples": result.num_examples, "site-weight": 1, **self._scores(result)}
+        if self.run.local_norm or self.run.fine_tune_epochs:
+            personal = training.evaluate(self._personalized(arrays, run_id), loader, self.device, self.run.task)
+            reply.update({f"personal-{k}": v for k, v in self._scores(personal).items() if k != "auc-weight"})
+        return reply
+
+    def _scores(self, result: training.Evaluation) -> dict[str, Any]:
+        scores: dict[str, Any] = {"loss": result.loss, **result.metrics}
         if self.run.task == "classification":
             # AUC is undefined on a single-class split: send 0 with zero weight
-            reply["auc-weight"] = result.num_examples if reply["auc"] is not None else 0
-            reply["auc"] = reply["auc"] if reply["auc"] is not None else 0.0
-        return reply
+            scores["auc-weight"] = result.num_examples if scores["auc"] is not None else 0
+            scores["auc"] = scores["auc"] if scores["auc"] is not None else 0.0
+        return scores
+
+    def _personalized(self, arrays: ArrayRecord, run_id: str | None) -> torch.nn.Module:
+        model = self.model(arrays, run_id)
+        if self.run.fine_tune_epochs:
+            train_set, _ = self.data()
+            loader = DataLoader(train_set, batch_size=self.run.batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(self.run.seed))
+            optimizer = torch.optim.SGD(model.parameters(), lr=self.run.learning_rate, momentum=self.run.momentum)
+            training.train(model, loader, optimizer, self.run.fine_tune_epochs, self.device,
+                           training.LOSSES[self.run.task])
+        return model
 
     def _set_threads(self) -> None:
         if self.run.client_threads > 0:

@@ -18,7 +18,8 @@ from typing import Any
 from common.errors import ConfigError
 
 TASKS = ("classification", "segmentation")
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
+              "bulyan", "scaffold")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_DP = ("off", "fixed", "adaptive")
 
@@ -49,10 +50,25 @@ class RunConfig:
     image_size: int = _spec(32, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]")
     num_classes: int = _spec(2, lambda v: v >= 2, "an integer >= 2")
     strategy: str = _spec("fedavg", lambda v: v in STRATEGIES, " | ".join(STRATEGIES))
+    proximal_mu: float = _spec(0.0, lambda v: v >= 0, "a number >= 0")  # FedProx's μ (Flower sends it per round)
+    server_learning_rate: float = _spec(0.1, _positive, "a number > 0")  # FedAdam/FedYogi/FedAdagrad's η
+    server_beta1: float = _spec(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    server_beta2: float = _spec(0.99, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    server_tau: float = _spec(1e-3, _positive, "a number > 0")  # adaptivity: larger is closer to FedAvgM
+    trimmed_beta: float = _spec(0.2, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)")  # cut from each end
+    num_malicious_sites: int = _spec(0, lambda v: v >= 0, "an integer >= 0")  # Krum / Bulyan's f
+    local_norm: bool = _spec(False)  # FedBN: normalization layers stay on each site
+    fine_tune_epochs: int = _spec(0, lambda v: v >= 0, "an integer >= 0")  # personalized evaluation
+    validate_updates: bool = _spec(True)
+    update_norm_ratio: float = _spec(10.0, lambda v: v > 1, "a number > 1")  # reject norms above ratio x median
     fraction_train: float = _spec(1.0, _fraction, "a number in (0, 1]")
     fraction_evaluate: float = _spec(1.0, _fraction, "a number in (0, 1]")
     min_available_sites: int = _spec(2, lambda v: v >= 1, "an integer >= 1")
     round_timeout: float = _spec(600.0, _positive, "seconds > 0")
+    # How long the server waits for min-available-sites sites before it gives up (server/waiting.py).
+    site_wait: float = _spec(300.0, _positive, "seconds > 0")
+    # Continue a stopped run from checkpoint-last.pt in out-dir at the next round (server/resume.py).
+    resume: bool = _spec(False)
     local_epochs: int = _spec(3, lambda v: v >= 1, "an integer >= 1")
     batch_size: int = _spec(64, lambda v: v >= 1, "an integer >= 1")
     learning_rate: float = _spec(0.05, _positive, "a number > 0")

@@ -27,8 +27,9 @@ from common.logs import ensure_console
 from common.models import build_model
 from common.protocol import STATUS
 from common.weights import plain_state_dict
-from server import checkpoint, runlog
+from server import checkpoint, resume, runlog, validation
 from server.strategies import build_strategy
+from server.waiting import WaitingGrid
 
 log = logging.getLogger(__name__)
 SHOWN = (("accuracy", "acc"), ("auc", "auc"), ("dice", "dice"), ("iou", "iou"))
@@ -47,6 +48,8 @@ class RoundResult:
     sites_failed: int = 0
     sites: list[dict[str, Any]] = field(default_factory=list)  # per site: node, ε, ε over all runs
     refused: list[dict[str, Any]] = field(default_factory=list)  # sites that declined: budget spent
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # updates that failed validation
+    site_scores: list[dict[str, Any]] = field(default_factory=list)  # per site: held-out metrics
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -59,6 +62,9 @@ class RoundResult:
             "sites_refused": len(self.refused),
             "sites": self.sites,
             "refused": self.refused,
+            "sites_rejected": len(self.rejected),
+            "rejected": self.rejected,
+            "site_scores": self.site_scores,
             "seconds": round(self.seconds, 3),
         }
 
@@ -90,19 +96,26 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
     model = build_model(cfg.task, cfg.model, 1, cfg.num_classes, cfg.image_size)
     arrays = ArrayRecord(torch_state_dict=plain_state_dict(model))
     strategy = build_strategy(cfg)
+    grid = WaitingGrid(grid, cfg.min_available_sites, cfg.site_wait)
     log_path = out / runlog.RUN_LOG
-    runlog.start(log_path)
+    first = 1
+    if cfg.resume:
+        resumed = resume.restore(out, cfg, strategy)
+        arrays, first = resumed.arrays, resumed.next_round
+    else:
+        runlog.start(log_path)
     log.info("run %s: %d rounds of %s on %s, DP %s", run_id, cfg.num_server_rounds, cfg.strategy,
              cfg.model, f"target ε={cfg.dp_target_epsilon:g}" if cfg.dp_enabled else "off")
     started = time.monotonic()
     result = RoundResult(0)
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(first, cfg.num_server_rounds + 1):
         try:
             arrays, result = play_round(grid, strategy, arrays, cfg, server_round)
         except BudgetsSpent as stop:
             log.warning("%s: the run ends after round %d", stop, server_round - 1)
             break
         runlog.append(log_path, result.to_json())
+        resume.save_strategy(out, strategy, server_round)
         checkpoint.save(out / checkpoint.LAST, arrays.to_torch_state_dict(), cfg.to_mapping(),
                         server_round, result.to_json())
         log.info(progress_line(result, cfg.num_server_rounds, time.monotonic() - started))
@@ -122,6 +135,10 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     refusals = [m for m in replies if not m.has_error() and STATUS in m.content]
     replies = [m for m in replies if m not in refusals]
     result.refused = [_refusal(m, server_round) for m in refusals]
+    if cfg.validate_updates:
+        replies, result.rejected = validation.validate(replies, arrays, cfg.update_norm_ratio)
+        for r in result.rejected:
+            log.warning("round %d: update from site %s rejected: %s", server_round, r["node"], r["reason"])
     result.sites_ok = sum(not m.has_error() for m in replies)
     result.sites_failed = len(replies) - result.sites_ok
     result.sites = [_site_privacy(m) for m in replies if not m.has_error()]
@@ -141,6 +158,7 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     if cfg.client_dp != "off":
         result.train["client-epsilon"] = client_epsilon(strategy, cfg, server_round)
     replies = _send(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(cfg.to_mapping()), grid), cfg)
+    result.site_scores = [_site_scores(m) for m in replies if not m.has_error()]
     result.evaluate = dict(strategy.aggregate_evaluate(server_round, replies) or {})
     result.seconds = time.monotonic() - started
     return arrays, result
@@ -160,6 +178,13 @@ def _site_privacy(msg: Message) -> dict[str, Any]:
     return {"node": msg.metadata.src_node_id, **{k: float(metrics[k]) for k in keys if k in metrics}}
 
 
+def _site_scores(msg: Message) -> dict[str, Any]:
+    """One site's held-out metrics (global and personalized): the report's per-site view."""
+    metrics = next(iter(msg.content.metric_records.values()), {})
+    return {"node": msg.metadata.src_node_id, **{k: float(v) for k, v in metrics.items()
+                                                  if k not in ("site-weight", "auc-weight")}}
+
+
 def client_epsilon(strategy: Strategy, cfg: RunConfig, server_round: int) -> float:
     """Client-level ε after `server_round` releases: every sampled site counted, no amplification."""
     sigma = float(getattr(strategy, "noise_multiplier", cfg.client_dp_noise_multiplier))
@@ -177,7 +202,8 @@ def progress_line(result: RoundResult, rounds: int, elapsed: float) -> str:
     parts += [f"{short} {ev[key]:.3f}" for key, short in SHOWN if key in ev]
     if "epsilon-max" in tr:
         parts.append(f"eps_max {tr['epsilon-max']:.2f}")
-    refused = f" ({len(result.refused)} refused)" if result.refused else ""
-    parts += [f"sites {result.sites_ok}/{result.sites_ok + result.sites_failed + len(result.refused)}{refused}",
+    notes = [f"{len(v)} {name}" for name, v in (("refused", result.refused), ("rejected", result.rejected)) if v]
+    total = result.sites_ok + result.sites_failed + len(result.refused) + len(result.rejected)
+    parts += [f"sites {result.sites_ok}/{total}" + (f" ({', '.join(notes)})" if notes else ""),
               f"{elapsed:.0f}s elapsed, eta {eta:.0f}s"]
     return " | ".join(parts)

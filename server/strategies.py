@@ -1,5 +1,9 @@
 """Strategy factory: a run's `strategy` name and options become a Flower strategy.
 
+Every strategy but SCAFFOLD is Flower's own (flwr.serverapp.strategy); SCAFFOLD is ours
+(server/scaffold.py), as Flower has none. FedProx's proximal term is applied by the sites
+(common/drift.py) with the μ Flower's FedProx sends each round.
+
 Client-level DP wraps the strategy in Flower's server-side clipping wrappers: each
 site's update is clipped to a norm and Gaussian noise is added to the average, so
 the released model hides whether any one hospital took part at all. The noise is
@@ -13,14 +17,23 @@ import math
 
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
+    Bulyan,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
     FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
     Strategy,
 )
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from server.scaffold import Scaffold
 
 WEIGHT_KEY = "num-examples"
 UNIFORM_KEY = "site-weight"  # every site sends 1: client-level DP needs an unweighted mean
@@ -49,10 +62,17 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str = WEIGHT_KEY) -
     return MetricRecord(out)
 
 
+# Which strategies may carry client-level DP: Flower's wrappers calibrate noise to a plain mean
+# of clipped updates, and the mean must be what is released. Median, trimmed mean, Krum and
+# Bulyan are not means; FedAdam/FedYogi/FedAdagrad feed the un-noised mean into server optimizer
+# state; SCAFFOLD sends a second, unclipped update (delta c). Sample-level DP-SGD composes with
+# every strategy: aggregation is post-processing of the sites' DP outputs.
+CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
+
+
 def build_strategy(cfg: RunConfig) -> Strategy:
-    if cfg.strategy != "fedavg":
-        raise ConfigError(f"unknown strategy '{cfg.strategy}': choose fedavg")
-    strategy = FedAvg(
+    check_combination(cfg)
+    common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=1,
@@ -62,7 +82,40 @@ def build_strategy(cfg: RunConfig) -> Strategy:
         train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics,
     )
-    return with_client_dp(strategy, cfg)
+    server_opt = dict(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=cfg.server_tau)
+    factories = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(**common, proximal_mu=cfg.proximal_mu),
+        "fedadam": lambda: FedAdam(**common, **server_opt, beta_1=cfg.server_beta1, beta_2=cfg.server_beta2),
+        "fedyogi": lambda: FedYogi(**common, **server_opt, beta_1=cfg.server_beta1, beta_2=cfg.server_beta2),
+        "fedadagrad": lambda: FedAdagrad(**common, **server_opt),
+        "fedmedian": lambda: FedMedian(**common),
+        "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=cfg.trimmed_beta),
+        "krum": lambda: Krum(**common, num_malicious_nodes=cfg.num_malicious_sites),
+        "bulyan": lambda: Bulyan(**common, num_malicious_nodes=cfg.num_malicious_sites),
+        "scaffold": lambda: Scaffold(**common, total_sites=cfg.min_available_sites),
+    }
+    return with_client_dp(factories[cfg.strategy](), cfg)
+
+
+def check_combination(cfg: RunConfig) -> None:
+    """Refuse, before round 1, settings that would run but not mean what they say."""
+    if cfg.client_dp != "off" and cfg.strategy not in CLIENT_DP_STRATEGIES:
+        raise ConfigError(
+            f"client-dp = {cfg.client_dp} does not compose with strategy = {cfg.strategy}: its noise is "
+            f"calibrated for a mean of clipped updates; use {' or '.join(CLIENT_DP_STRATEGIES)}, or client-dp = off"
+        )
+    if cfg.strategy == "scaffold" and cfg.momentum != 0:
+        raise ConfigError(f"strategy = scaffold assumes plain local SGD: set momentum = 0 (now {cfg.momentum:g})")
+    if cfg.proximal_mu and cfg.strategy != "fedprox":
+        raise ConfigError(f"proximal-mu = {cfg.proximal_mu:g} only acts with strategy = fedprox")
+    f, n = cfg.num_malicious_sites, cfg.min_available_sites
+    needed = {"krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(cfg.strategy)
+    if needed is not None and n < needed:
+        raise ConfigError(
+            f"strategy = {cfg.strategy} with num-malicious-sites = {f} needs at least {needed} sites per round; "
+            f"min-available-sites is {n}"
+        )
 
 
 def sampled_sites(cfg: RunConfig) -> int:

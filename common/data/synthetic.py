@@ -44,6 +44,7 @@ class SiteProfile:
     offset: float  # physical value of air
     slope: float  # DICOM RescaleSlope
     photometric: str  # MONOCHROME2, or MONOCHROME1 (inverted grey scale)
+    lesion_contrast: tuple[float, float] = (0.03, 0.45)  # from invisible to obvious
 
     @property
     def intercept(self) -> float:
@@ -51,7 +52,8 @@ class SiteProfile:
         return self.offset - 0.1 * self.scale
 
 
-def site_profiles(num_sites: int, images_per_site: int, seed: int) -> list[SiteProfile]:
+def site_profiles(num_sites: int, images_per_site: int, seed: int,
+                  lesion_contrast: tuple[float, float] = (0.03, 0.45)) -> list[SiteProfile]:
     if num_sites < 1:
         raise ConfigError(f"--sites = {num_sites}: a federation needs at least 1 site")
     if images_per_site < 10:
@@ -70,12 +72,14 @@ def site_profiles(num_sites: int, images_per_site: int, seed: int) -> list[SiteP
                 offset=float(rng.uniform(-1000, 0)),
                 slope=slope,
                 photometric="MONOCHROME1" if i % 4 == 3 else "MONOCHROME2",
+                lesion_contrast=lesion_contrast,
             )
         )
     return profiles
 
 
-def render(rng: np.random.Generator, positive: bool, noise: float) -> tuple[np.ndarray, np.ndarray]:
+def render(rng: np.random.Generator, positive: bool, noise: float,
+           lesion_contrast: tuple[float, float] = (0.03, 0.45)) -> tuple[np.ndarray, np.ndarray]:
     """One image of attenuation in [0, MAX_ATTENUATION] and its lesion mask (empty when negative)."""
     n = STORED_SIZE
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
@@ -95,7 +99,7 @@ def render(rng: np.random.Generator, positive: bool, noise: float) -> tuple[np.n
     img += 0.04 * texture / (np.abs(texture).max() + 1e-6)
     mask = np.zeros((n, n), dtype=np.uint8)
     if positive:
-        lesion, mask = _lesion(rng, lungs, xx, yy)
+        lesion, mask = _lesion(rng, lungs, xx, yy, lesion_contrast)
         img += lesion
     img = gaussian_filter(img, sigma=0.8) + rng.normal(0, noise, (n, n))
     return np.clip(img, 0.0, MAX_ATTENUATION).astype(np.float32), mask
@@ -105,13 +109,13 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
     return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
 
 
-def _lesion(rng, lungs, xx, yy):
+def _lesion(rng, lungs, xx, yy, contrast_range):
     """A nodule: a disc with a soft edge; its contrast runs from invisible to obvious."""
     ys, xs = np.nonzero(lungs)
     k = rng.integers(len(ys))
     cy, cx = ys[k] / STORED_SIZE, xs[k] / STORED_SIZE
     radius = rng.uniform(0.08, 0.18)
-    contrast = rng.uniform(0.03, 0.45)
+    contrast = rng.uniform(*contrast_range)
     distance = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / radius
     blob = contrast / (1.0 + np.exp((distance - 1.0) / 0.15))
     return blob, (distance <= 1.0).astype(np.uint8)
@@ -145,14 +149,19 @@ def image(profile: SiteProfile, seed: int, idx: int) -> tuple[np.ndarray, int, n
     """The attenuation image, label and lesion mask of one file: a pure function of its indices."""
     rng = np.random.default_rng([seed, profile.index, idx])
     label = int(rng.random() < profile.prevalence)
-    attenuation, mask = render(rng, bool(label), profile.noise)
+    attenuation, mask = render(rng, bool(label), profile.noise, profile.lesion_contrast)
     return attenuation, label, mask
 
 
-def write_hospitals(out: Path, num_sites: int, seed: int, images_per_site: int = 500) -> list[Path]:
-    """Write `num_sites` hospital folders of DICOM + labels.csv under `out`; return their paths."""
+def write_hospitals(out: Path, num_sites: int, seed: int, images_per_site: int = 500,
+                    lesion_contrast: tuple[float, float] = (0.03, 0.45)) -> list[Path]:
+    """Write `num_sites` hospital folders of DICOM + labels.csv under `out`; return their paths.
+
+    A narrower, higher `lesion_contrast` makes an easy task: for tests that compare strategies
+    over a few short rounds rather than measure how well a model learns.
+    """
     paths = []
-    for profile in site_profiles(num_sites, images_per_site, seed):
+    for profile in site_profiles(num_sites, images_per_site, seed, lesion_contrast):
         folder = Path(out) / site_name(profile.index)
         write_site(folder, profile, seed)
         paths.append(folder)
