@@ -29,8 +29,12 @@ def read_mask(path: Path, source_sop_uid: str | None = None) -> np.ndarray:
         else:
             with Image.open(path) as img:
                 mask = np.asarray(img.convert("L") if img.mode not in ("L", "I", "I;16") else img)
-    except (OSError, ValueError, NotImplementedError, AttributeError) as exc:
-        raise DataError(f"{path.name}: not a readable mask ({exc})") from exc
+    except DataError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # pydicom and its plugins fail in many ways on a damaged or exotic SEG
+        raise DataError(f"{path.name}: not a readable mask ({type(exc).__name__}: {exc})") from exc
     if mask.ndim != 2:
         raise DataError(f"{path.name}: a mask must be one 2D class map, got shape {mask.shape}")
     if not np.issubdtype(mask.dtype, np.integer) and not np.all(np.mod(mask, 1) == 0):

@@ -20,7 +20,7 @@ import pytest
 from pydicom import config
 from pydicom.data import get_testdata_file
 
-from common.data import cache, sources
+from common.data import cache, masks, sources
 from common.data.decode import decode_example
 from common.data.example import Example
 from common.errors import DataError
@@ -207,3 +207,11 @@ def test_good_files_still_load_beside_the_damaged_ones(damaged, tmp_path):
     assert all(reason for reason in skipped.values())
     assert len(skipped) >= 150
     assert sum(n.startswith("good-multiframe.dcm#") for n in decoded.names) == 10
+
+
+def test_a_seg_mask_no_decoder_can_read_is_reported_not_raised():
+    """liver_rle.dcm (1-bit RLE SEG) defeats pydicom's and pylibjpeg's RLE decoders with a RuntimeError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match=r"liver_rle\.dcm: not a readable mask \(RuntimeError: Unable to decode"):
+            masks.read_mask(DATA / "liver_rle.dcm")
