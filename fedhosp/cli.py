@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import TASKS, RunConfig
+from common.config import DEVICES, TASKS, RunConfig
 from common.errors import ConfigError, FedhospError
 from common.logs import ensure_console
 
@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--budget", type=float, default=None, help="the site's total ε budget, to show what is left")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_ledger_show)
+
+    pred = sub.add_parser("predict", help="apply a trained model to a hospital's images, on this machine only")
+    pred.add_argument("--model", type=Path, required=True, help="the model.pt a run wrote")
+    pred.add_argument("--data", type=Path, required=True, help="folder of DICOM files (searched recursively)")
+    pred.add_argument("--out", type=Path, required=True, help="folder for predictions.csv, metrics.json and PNGs")
+    pred.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                      help="ground truth, paths relative to --data: file,label (classification) or file,mask "
+                           "(segmentation); predicts exactly the files it lists and writes metrics.json")
+    pred.add_argument("--explain", action="store_true",
+                      help="heatmap PNGs (classification) or predicted-vs-true mask overlays (segmentation)")
+    pred.add_argument("--device", choices=DEVICES, default="auto")
+    pred.set_defaults(handler=cmd_predict)
     return parser
 
 
@@ -199,6 +211,20 @@ def format_ledger(report: dict[str, Any]) -> str:
     if "privacy-budget" in report:
         total += f"; budget {report['privacy-budget']:g}, remaining {report['remaining']:.3f}"
     return "\n".join([*lines, total])
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from client.predict import PredictOptions, predict, summary
+
+    opts = PredictOptions(model=args.model, data=args.data, out=args.out, labels=args.labels,
+                          explain=args.explain, device=args.device)
+    result = predict(opts)
+    print(f"model card ({args.model}):")
+    for line in result.card.lines():
+        print(f"  {line}")
+    for line in summary(result):
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":

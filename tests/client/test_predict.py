@@ -1,0 +1,178 @@
+"""`fedhosp predict` at a hospital: the federation's numbers reproduced, outputs on disk, clear errors."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from client.predict import PREDICTIONS, PredictOptions, predict
+from common import training
+from common.config import RunConfig
+from common.data import sources, split
+from common.errors import DataError, ModelFileError
+from common.model_card import ModelCard
+from common.models import build_model
+from fedhosp.cli import main
+from server import checkpoint
+
+
+def _write_csv(path: Path, header: tuple[str, str], rows: list[tuple]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _validation_labels(trained, path: Path) -> Path:
+    """A file,label CSV listing exactly the sites' validation files, relative to the hospitals' root."""
+    rows = []
+    for site, names in trained.val_names.items():
+        labels = {str(e.path.relative_to(trained.root / site)): e.label
+                  for e in sources.dicom_folder(trained.root / site)}
+        rows += [(f"{site}/{name}", labels[name]) for name in names]
+    return _write_csv(path, ("file", "label"), rows)
+
+
+@pytest.mark.slow
+def test_predict_reproduces_the_accuracy_the_server_reported(trained_classifier, tmp_path):
+    labels = _validation_labels(trained_classifier, tmp_path / "validation.csv")
+    out = tmp_path / "out"
+    result = predict(PredictOptions(trained_classifier.model_path, trained_classifier.root, out, labels,
+                                    explain=True, device="cpu"))
+    reported = trained_classifier.server_evaluate
+    print(f"\nserver-reported accuracy {reported['accuracy']:.4f}, predict {result.metrics['accuracy']:.4f}")
+    assert result.metrics["accuracy"] == pytest.approx(reported["accuracy"], abs=1e-12)
+    assert result.predicted == reported["num-examples"] and not result.skipped
+    assert 0.75 < result.metrics["accuracy"] < 1.0  # a real model, not a constant one
+
+    rows = _read_csv(out / PREDICTIONS)
+    assert [r["file"] for r in rows] == [r["file"] for r in _read_csv(labels)]
+    probs = np.array([[float(r["prob_0"]), float(r["prob_1"])] for r in rows])
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert [int(r["predicted"]) for r in rows] == probs.argmax(axis=1).tolist()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["accuracy"] == result.metrics["accuracy"] and saved["images"] == len(rows)
+
+    heatmaps = sorted((out / "explain").rglob("*.png"))
+    assert result.explained == len(heatmaps) == len(rows)
+    with Image.open(heatmaps[0]) as img:
+        assert img.mode == "RGB" and img.size == (256, 256)
+
+
+def _save_model(path: Path, model: torch.nn.Module, run: RunConfig, metrics: dict | None = None) -> Path:
+    card = ModelCard.for_run(run, rounds=1, sites=1, metrics=metrics or {}, epsilon=None)
+    checkpoint.save(path, model.state_dict(), run.to_mapping(), 1, {}, card=card)
+    return path
+
+
+def test_predict_without_labels_reads_every_dicom_file_and_skips_unreadable_ones(hospitals, tmp_path):
+    data = tmp_path / "incoming"
+    (data / "ward").mkdir(parents=True)
+    site = hospitals / "site-000"
+    for name in ("img_00000.dcm", "img_00001.dcm", "img_00002.dcm"):
+        shutil.copy(site / name, data / "ward" / name)
+    shutil.copy(site / "img_00003.dcm", data / "IM0004")  # PACS exports often have no suffix
+    (data / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 20)
+    (data / "notes.txt").write_text("not an image")
+    shutil.copytree(site / "masks", data / "masks")  # PNGs next to the images are not studies
+    torch.manual_seed(0)
+    model_path = _save_model(tmp_path / "model.pt", build_model("classification", "cnn"), RunConfig())
+    out = tmp_path / "out"
+    result = predict(PredictOptions(model_path, data, out))
+    rows = _read_csv(out / PREDICTIONS)
+    assert [r["file"] for r in rows] == ["IM0004", "ward/img_00000.dcm", "ward/img_00001.dcm", "ward/img_00002.dcm"]
+    assert set(rows[0]) == {"file", "prob_0", "prob_1", "predicted"}
+    assert [name for name, _ in result.skipped] == ["broken.dcm"]
+    assert _read_csv(out / "skipped.csv")[0]["file"] == "broken.dcm"
+    assert result.metrics is None and not (out / "metrics.json").exists()
+
+
+def test_segmentation_predict_reproduces_the_site_dice(hospitals, tmp_path):
+    from client.site import Site
+    from common.config import SiteConfig
+    from common.weights import to_record
+
+    run = RunConfig(task="segmentation", model="unet", dp_enabled=False, client_threads=1)
+    site = Site(run, SiteConfig(str(hospitals / "site-000"), str(tmp_path / "state"), "cpu"))
+    torch.manual_seed(0)
+    model = build_model("segmentation", "unet")
+    loader = DataLoader(site.data()[0], batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    training.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 20,
+                   torch.device("cpu"), training.dice_ce_loss)
+    reported = site.evaluate(to_record(model))
+    model_path = _save_model(tmp_path / "model.pt", model, run, reported)
+
+    root = hospitals / "site-000"
+    examples = sources.dicom_folder(root, "segmentation")
+    names = [str(e.path.relative_to(root)) for e in examples]
+    val = split.validation_mask(names, run.val_fraction, run.seed)
+    rows = [(n, str(e.mask.relative_to(root))) for n, e, v in zip(names, examples, val, strict=True) if v]
+    masks = _write_csv(tmp_path / "masks.csv", ("file", "mask"), rows)
+    out = tmp_path / "out"
+    result = predict(PredictOptions(model_path, root, out, masks, explain=True, device="cpu"))
+    print(f"\nsite Dice {reported['dice']:.4f}, predict Dice {result.metrics['dice']:.4f}, "
+          f"Hausdorff {result.metrics['hausdorff']} px over {result.metrics['hausdorff-images']} images")
+    assert result.metrics["dice"] == pytest.approx(reported["dice"], abs=1e-6)
+    assert result.metrics["dice"] > 0.3 and result.metrics["hausdorff-images"] > 0  # it segments something
+    assert result.metrics["iou"] == pytest.approx(reported["iou"], abs=1e-6)
+    assert {"hausdorff", "hausdorff-images", "hausdorff-undefined"} <= set(result.metrics)
+
+    predicted = _read_csv(out / PREDICTIONS)
+    assert len(predicted) == len(rows) == result.explained
+    with Image.open(out / predicted[0]["mask"]) as img:
+        pixels = np.asarray(img)
+    assert pixels.shape == (run.image_size, run.image_size) and set(np.unique(pixels)) <= {0, 255}
+    assert len(list((out / "explain").glob("*.png"))) == len(rows)
+
+
+def test_ground_truth_of_the_other_task_is_a_clear_error(hospitals, tmp_path):
+    model_path = _save_model(tmp_path / "model.pt", build_model("classification", "cnn"), RunConfig())
+    site = hospitals / "site-000"
+    with pytest.raises(ModelFileError, match=r"the model is for classification but .* holds segmentation"):
+        predict(PredictOptions(model_path, site, tmp_path / "out", site / "masks.csv"))
+
+
+def test_labels_outside_the_data_folder_are_refused(hospitals, tmp_path):
+    model_path = _save_model(tmp_path / "model.pt", build_model("classification", "cnn"), RunConfig())
+    labels = _write_csv(tmp_path / "labels.csv", ("file", "label"), [("../site-001/img_00000.dcm", 0)])
+    with pytest.raises(DataError, match="outside"):
+        predict(PredictOptions(model_path, hospitals / "site-000", tmp_path / "out", labels))
+
+
+def test_cli_prints_the_model_card_and_where_everything_went(hospitals, tmp_path, capsys):
+    run = RunConfig(dp_target_delta=1e-5)
+    card = ModelCard.for_run(run, rounds=4, sites=3, metrics={"accuracy": 0.8, "num-examples": 50}, epsilon=3.2)
+    checkpoint.save(tmp_path / "model.pt", build_model("classification", "cnn").state_dict(), run.to_mapping(),
+                    4, {}, card=card)
+    site = hospitals / "site-001"
+    code = main(["predict", "--model", str(tmp_path / "model.pt"), "--data", str(site), "--out",
+                 str(tmp_path / "out"), "--labels", str(site / "labels.csv"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "ε = 3.2 spent (max over sites), δ = 1e-05" in printed and "4 rounds of fedavg, 3 sites" in printed
+    assert f"predicted {len(_read_csv(site / 'labels.csv'))} images" in printed and "balanced-accuracy" in printed
+
+
+def test_cli_turns_a_wrong_model_file_into_one_error_line(tmp_path, capsys):
+    checkpoint.save(tmp_path / "checkpoint-last.pt", build_model("classification", "cnn").state_dict(),
+                    RunConfig().to_mapping(), 2, {})
+    code = main(["predict", "--model", str(tmp_path / "checkpoint-last.pt"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"error: {tmp_path / 'checkpoint-last.pt'} has no model card: pass the final model.pt of a run "
+        "(checkpoint-last.pt is for resuming training)"
+    ]
