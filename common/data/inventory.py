@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from common.data import dicom, folders, identifying, pixels, sources
 from common.data.decode import decode_example, load_frames
 from common.data.example import MANIFESTS, RASTER_SUFFIXES, Example
@@ -56,7 +58,8 @@ def inspect(root: Path, task: str = "classification") -> Inventory:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about every oddity; the report says what matters
         examples = _examples(root, task, inv)
-        files = sources.image_files(root)
+        masks = _mask_files(root)
+        files = [p for p in sources.image_files(root) if p not in masks]
         inv.files = len(files) + len({e.path for e in examples if e.member})
         for path in files:
             _count_header(path, root, inv)
@@ -87,6 +90,14 @@ def _examples(root: Path, task: str, inv: Inventory) -> list[Example]:
     return examples
 
 
+def _mask_files(root: Path) -> set[Path]:
+    """Masks a masks.csv names are labels, not images to count (a folder may serve both tasks)."""
+    try:
+        return {e.mask for e in sources.dicom_folder(root, "segmentation") if e.mask is not None}
+    except DataError:
+        return set()
+
+
 def _count_header(path: Path, root: Path, inv: Inventory) -> None:
     if path.suffix.lower() in RASTER_SUFFIXES:
         _count_raster(path, inv)
@@ -102,7 +113,7 @@ def _count_header(path: Path, root: Path, inv: Inventory) -> None:
     size = f"{ds.get('Columns', '?')}x{ds.get('Rows', '?')}" + (f" x{frames} frames" if frames > 1 else "")
     try:
         syntax = pixels.transfer_syntax(ds)
-        syntax_name = syntax.name or str(syntax)
+        syntax_name = syntax.name if syntax.name != str(syntax) else f"{syntax} (unknown to pydicom)"
     except DataError:
         syntax_name = "(none)"
     for facet, value in (("modality", ds.get("Modality")), ("manufacturer", ds.get("Manufacturer")),
@@ -114,8 +125,6 @@ def _count_header(path: Path, root: Path, inv: Inventory) -> None:
 
 
 def _count_raster(path: Path, inv: Inventory) -> None:
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             facts = ("(none)", "(none)", f"{img.width}x{img.height}", img.mode, img.format or "?")

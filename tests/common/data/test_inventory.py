@@ -83,3 +83,9 @@ def test_a_mask_that_does_not_fit_is_no_go(tmp_path):
     (tmp_path / "masks.csv").write_text("file,mask\na.dcm,a.png\n")
     inv = inventory.inspect(tmp_path, "segmentation")
     assert not inv.go and "1 mask(s) do not fit their image (a.dcm)" in inv.summary
+
+
+def test_masks_are_not_counted_as_images(hospitals):
+    inv = inventory.inspect(hospitals / "site-000")
+    n = len((hospitals / "site-000" / "labels.csv").read_text().splitlines()) - 1
+    assert inv.files == n and inv.unlisted == 0 and inv.examples == n and inv.go
