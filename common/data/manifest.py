@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from common.data import dicom
-from common.data.example import Example, image_files
+from common.data.example import RASTER_SUFFIXES, Example, image_files
 from common.errors import DataError
 
 KEYS = ("file", "series", "study")
@@ -104,7 +104,7 @@ def _by_uid(manifest: Path, key: str, rows: list[tuple[int, dict]]) -> list[Exam
 
 
 def _uid(path: Path, keyword: str) -> str | None:
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+    if path.suffix.lower() in RASTER_SUFFIXES:
         return None
     try:
         return str(dicom.read(path, header_only=True).get(keyword, "")) or None
