@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,16 +167,21 @@ def _inside(data: Path, name: str | None, labels: Path, line: int) -> Path:
     if not name:
         raise DataError(f"{labels} line {line}: a file name is empty")
     path = data / name
-    if not path.resolve().is_relative_to(data.resolve()):
+    if _relative(data, path).split("/")[0] == "..":
         raise DataError(f"{labels} line {line}: {name} is outside {data}: list files relative to --data")
     return path
+
+
+def _relative(data: Path, path: Path) -> str:
+    """`path` relative to `data`, by name (`..` folded, symbolic links kept: an archive may use them)."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(data))).as_posix()
 
 
 def decode(chunk: Sequence[Example], data: Path, size: int, skipped: list[tuple[str, str]]) -> Batch:
     """Decode like a site: `decode_example`, then float16 as its cache stores images; failures skipped."""
     names, images, targets = [], [], []
     for example in chunk:
-        name = example.path.resolve().relative_to(data.resolve()).as_posix()
+        name = _relative(data, example.path)
         try:
             image, target = decode_example(example, size)
             if image.ndim != 2:
