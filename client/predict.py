@@ -259,7 +259,10 @@ class Classify:
                 for name, t, row, k in zip(batch.names, truth, probs, predicted, strict=True)]
 
     def _explain(self, batch: Batch, predicted: np.ndarray, model: nn.Module, device: torch.device) -> None:
-        heat = explain.heatmaps(model, batch.images.to(device), predicted.tolist())
+        """Two classes: the evidence for class 1 (the finding) even where the model said no, since where it
+        almost saw a lesion is what a reader checks; more classes: the evidence for the predicted class."""
+        classes = [1] * len(predicted) if self.card.num_classes == 2 else predicted.tolist()
+        heat = explain.heatmaps(model, batch.images.to(device), classes)
         for name, image, h in zip(batch.names, batch.images, heat, strict=True):
             _save_png(self.opts.out, EXPLAIN_DIR, name, explain.cam_overlay(image[0].numpy(), h))
             self.explained += 1
