@@ -38,6 +38,10 @@ SHOWN = (("accuracy", "acc"), ("auc", "auc"), ("dice", "dice"), ("iou", "iou"))
 class BudgetsSpent(FedhospError):
     """Every sampled site declined the round: the federation has no privacy budget left to train with."""
 
+    def __init__(self, message: str, refused: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.refused = refused
+
 
 @dataclass
 class RoundResult:
@@ -113,6 +117,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
             arrays, result = play_round(grid, strategy, arrays, cfg, server_round)
         except BudgetsSpent as stop:
             log.warning("%s: the run ends after round %d", stop, server_round - 1)
+            runlog.event(log_path, "stopped", {"round": server_round, "reason": str(stop), "refused": stop.refused})
             break
         runlog.append(log_path, result.to_json())
         resume.save_strategy(out, strategy, server_round)
@@ -144,7 +149,8 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     result.sites = [_site_privacy(m) for m in replies if not m.has_error()]
     new_arrays, train_metrics = strategy.aggregate_train(server_round, replies) if result.sites_ok else (None, None)
     if result.refused and not replies:
-        raise BudgetsSpent(f"round {server_round}: every site refused to train, its privacy budget spent")
+        raise BudgetsSpent(f"round {server_round}: every site refused to train, its privacy budget spent",
+                           result.refused)
     if new_arrays is None:
         reasons = sorted({m.error.reason for m in replies if m.has_error()})
         if result.refused:

@@ -1,4 +1,8 @@
-"""The run log: one JSON line per finished round, appended and flushed as the round ends."""
+"""The run log: one JSON line per finished round, appended and flushed as the round ends.
+
+A run that ends early (every site's budget spent) also logs why, as an `event` line:
+`read` gives the finished rounds, `events` the rest.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,19 @@ def append(path: Path, record: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def event(path: Path, kind: str, record: Mapping[str, Any]) -> None:
+    append(path, {"event": kind, **record})
+
+
 def read(path: Path) -> list[dict[str, Any]]:
+    """The finished rounds."""
+    return [r for r in _lines(path) if "event" not in r]
+
+
+def events(path: Path) -> list[dict[str, Any]]:
+    return [r for r in _lines(path) if "event" in r]
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

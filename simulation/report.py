@@ -52,7 +52,8 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
     records = runlog.read(out_dir / runlog.RUN_LOG)
     rows = [round_row(r) for r in records]
     last = rows[-1] if rows else {}
-    privacy = privacy_by_site(records)
+    stops = runlog.events(out_dir / runlog.RUN_LOG)
+    privacy = privacy_by_site(records + [s for s in stops if s.get("refused")])
     shown = METRICS[config.get("task", "classification")]
     results = {
         "config": config,
@@ -60,6 +61,7 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
         "rounds": rows,
         "final": {k: last.get(k) for k in ("loss", *shown, "epsilon_max")},
         "privacy": privacy,
+        "stopped": stops[-1]["reason"] if stops else None,
         "model": "model.pt",
         **(extra or {}),
     }

@@ -1,5 +1,7 @@
 """One server round against an in-memory grid: refusals, failures and client-level DP."""
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -109,3 +111,27 @@ def test_client_level_dp_noise_has_the_calibrated_std():
     w, _ = _round(cfg, _update(zero, {1: 1, 2: 1, 3: 1}))
     expected = sigma * clip / 3  # Gaussian mechanism on the mean of 3 clipped updates
     assert w.std() == pytest.approx(expected, rel=5 / np.sqrt(2 * w.size))
+
+
+def test_a_run_whose_sites_all_run_out_of_budget_ends_cleanly_with_model_and_report(tmp_path):
+    from server import checkpoint, runlog
+    from server.app import run
+    from simulation import report
+
+    def behaviour(node, msg):
+        metrics = MetricRecord({"num-examples": 10, "site-weight": 1, "loss": 1.0, "accuracy": 0.5, "auc": 0.5,
+                                "auc-weight": 10})
+        if msg.metadata.message_type.startswith("evaluate"):
+            return RecordDict({"metrics": metrics})
+        if msg.content["config"]["server-round"] >= 2:
+            return _refuse(3, msg, None)
+        return RecordDict({"arrays": msg.content["arrays"], "metrics": metrics})  # no change: enough here
+
+    cfg = RunConfig(min_available_sites=3, num_server_rounds=4, out_dir=str(tmp_path))
+    path = run(Grid(behaviour), cfg, "r1")
+    assert checkpoint.load(path)["round"] == 1
+    assert [r["round"] for r in runlog.read(tmp_path / runlog.RUN_LOG)] == [1]
+    results = json.loads(report.write(tmp_path, cfg.to_mapping(), 3).read_text())
+    assert "every site refused" in results["stopped"]
+    assert [r["round"] for r in results["privacy"]["refused"]] == [2, 2, 2]
+    assert "3 site-round(s) refused" in report.final_line(tmp_path / "results.json")
