@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import local_state
+from client import audit, local_state
 from client.site import Site, site_from_context
 from common import drift
 from common.config import RunConfig
@@ -27,6 +28,7 @@ from common.protocol import SCAFFOLD_DELTA as DELTA
 
 log = logging.getLogger(__name__)
 ROUND_KEY = "server-round"
+AUDITED = ("num-examples", "epsilon", "epsilon-total", "noise-multiplier", "loss")  # into the site's audit log
 
 app = ClientApp()
 
@@ -61,11 +63,14 @@ def train(msg: Message, context: Context) -> RecordDict:
         arrays, metrics = site.train(msg.content["arrays"], server_round, run_id, correction)
     except PrivacyBudgetExceeded as refusal:
         log.warning("round %d refused: %s", server_round, refusal)
+        _audit(site, context, "refused", server_round, {"epsilon-total": refusal.spent,
+                                                        "privacy-budget": refusal.budget})
         return RecordDict({STATUS: ConfigRecord({
             STATUS: BUDGET_SPENT, "epsilon-total": refusal.spent, "privacy-budget": refusal.budget,
             "epsilon-next": refusal.would_be,
         })})
     reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    _audit(site, context, "train", server_round, {k: metrics[k] for k in AUDITED if k in metrics})
     if control is not None:
         reply[DELTA] = scaffold_step(site, run_id, control, own, msg.content["arrays"], arrays, metrics["local-steps"])
     return reply
@@ -92,5 +97,12 @@ def scaffold_step(site: Site, run_id: str, control: ArrayRecord, own: dict, star
 @app.evaluate()
 @_guarded
 def evaluate(msg: Message, context: Context) -> RecordDict:
-    site, _ = _site(msg, context)
-    return RecordDict({"metrics": MetricRecord(site.evaluate(msg.content["arrays"], str(context.run_id)))})
+    site, server_round = _site(msg, context)
+    metrics = site.evaluate(msg.content["arrays"], str(context.run_id))
+    _audit(site, context, "evaluate", server_round, {k: metrics[k] for k in AUDITED if k in metrics})
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _audit(site: Site, context: Context, event: str, server_round: int, values: dict) -> None:
+    """The site's own record of what it did in which run (client/audit.py); it never leaves the site."""
+    audit.record(Path(site.config.state_dir), str(context.run_id), context.node_id, event, server_round, values)

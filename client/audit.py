@@ -1,0 +1,84 @@
+"""The site's audit trail: on the hospital's own disk, one JSON line per message its node answered.
+
+A hospital must be able to show, without asking the coordinator, every federated run its
+data took part in, which code ran on it and how much privacy each run spent. Flower starts
+a fresh ClientApp process per message, so each answer appends one line (append-only, flushed
+and fsynced) to `audit.jsonl` in the site's state folder; `summary` folds the lines into one
+record per run. The app is identified by the Flower app bundle's hash prefix (Flower names
+the folder it installs a bundle into after it) and by a SHA-256 over the site-side code
+that actually ran. Nothing here is ever sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+AUDIT_LOG = "audit.jsonl"
+CODE_PACKAGES = ("client", "common")  # what runs at the site and touches its data
+FAB_DIR = re.compile(r"\.([0-9a-f]{8,64})$")  # Flower's app folder: <publisher>.<name>.<version>.<hash prefix>
+
+
+def record(state_dir: Path, run_id: str, node_id: int, event: str, server_round: int,
+           values: Mapping[str, Any] | None = None) -> None:
+    """Append one line: which run, which round, what the site did (train, evaluate, refused)."""
+    line = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "run-id": run_id,
+            "node-id": node_id, "event": event, "round": server_round, **app_identity(), **(values or {})}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / AUDIT_LOG, "a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read(state_dir: Path) -> list[dict[str, Any]]:
+    path = state_dir / AUDIT_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary(state_dir: Path) -> list[dict[str, Any]]:
+    """One record per run, in order of first appearance: rounds trained, ε spent, app seen."""
+    runs: dict[str, dict[str, Any]] = {}
+    for line in read(state_dir):
+        run = runs.setdefault(line["run-id"], {"run-id": line["run-id"], "first": line["time"], "rounds": [],
+                                               "evaluations": 0, "refused": 0, "epsilon": None,
+                                               "epsilon-total": None, "app": ""})
+        run["last"] = line["time"]
+        run["app"] = line.get("fab-hash") or line.get("code-sha256", "")[:16]
+        if line["event"] == "train":
+            run["rounds"].append(line["round"])
+            for key in ("epsilon", "epsilon-total"):
+                if key in line:
+                    run[key] = line[key]
+        elif line["event"] == "evaluate":
+            run["evaluations"] += 1
+        elif line["event"] == "refused":
+            run["refused"] += 1
+    return list(runs.values())
+
+
+@cache
+def app_identity() -> dict[str, str]:
+    """The app bundle's hash prefix (when Flower installed one) and a hash of the site-side code."""
+    root = Path(__file__).resolve().parents[1]
+    identity = {"code-sha256": _code_hash(root)}
+    if match := FAB_DIR.search(root.name):
+        identity["fab-hash"] = match.group(1)
+    return identity
+
+
+def _code_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
