@@ -19,6 +19,7 @@ from typing import Any
 from common.config import DEVICES, TASKS, RunConfig
 from common.errors import ConfigError, FedhospError
 from common.logs import ensure_console
+from fedhosp.deploy_cli import add_deploy_commands
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="heatmap PNGs (classification) or predicted-vs-true mask overlays (segmentation)")
     pred.add_argument("--device", choices=DEVICES, default="auto")
     pred.set_defaults(handler=cmd_predict)
+
+    add_deploy_commands(sub)  # certs, server, client, audit: fedhosp/deploy_cli.py
     return parser
 
 

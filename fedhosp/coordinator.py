@@ -1,0 +1,228 @@
+"""`fedhosp server`: the coordinator's side of a real deployment, on Flower's own processes.
+
+It starts a SuperLink (TLS, SuperNode authentication, no runtime installs) bound to
+loopback, nginx on the hospitals' address in front of it (fedhosp/fleet_proxy.py: Fleet
+API only), registers the hospitals' public keys with `flwr supernode register`, submits
+our app with `flwr run --stream`, prints our one line per round from the stream, and
+stops every process it started on the way out. Each Flower command is printed before it
+runs. The SuperLink keeps its state in a SQLite file, so hospitals' SuperNodes keep
+their node ids across a coordinator restart and rejoin a `--resume`d run by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from common.errors import ConfigError, FedhospError
+from fedhosp import fleet_proxy, processes
+from fedhosp.certs import ServerCerts
+
+log = logging.getLogger(__name__)
+CONNECTION = "fedhosp"  # the SuperLink connection's name in the coordinator's FLWR_HOME/config.toml
+LOOPBACK = "127.0.0.1"
+STARTED = re.compile(r"Successfully started run (\d+)")
+# What the coordinator sees of the run's stream: our own log lines (no Flower/ANSI prefix,
+# not Opacus's basicConfig copies), and the last line of any traceback from our code.
+OWN_ERROR = re.compile(r"^(common|server|client)\.[\w.]+: ")
+FLOWER_LINE = re.compile(r"^(\x1b\[|\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:|INFO:|WARNING:|ERROR:|Traceback|\s)")
+
+
+class RunFailed(FedhospError):
+    """The federated run ended in a state other than completed."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    certs: Path
+    sites: Path
+    rounds: int
+    out: Path
+    app: Path
+    resume: bool = False
+    listen: str = "0.0.0.0:9092"  # the hospitals' address: Fleet API only (through nginx)
+    control_port: int = 9093  # the SuperLink itself, on loopback: Fleet, Control and Runtime APIs
+    run_config: Mapping[str, str] = field(default_factory=dict)  # KEY=TOML-VALUE, as `flwr run --run-config`
+    nginx: str | None = None
+    start_timeout: float = 90.0
+
+    @property
+    def work(self) -> Path:
+        return self.out / "coordinator"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.work / "flwr-home"
+
+
+def site_keys(folder: Path) -> dict[str, Path]:
+    """`NAME.pub` files in `folder` (and one level of sub-folders), by site name."""
+    if not folder.is_dir():
+        raise ConfigError(f"--sites {folder}: no such folder; put each hospital's NAME.pub there")
+    private = sorted(p.name for p in folder.rglob("*.key"))
+    if private:
+        raise ConfigError(f"--sites {folder} holds private keys ({', '.join(private[:3])}): a site's .key never "
+                          "leaves the hospital; keep only the .pub files here")
+    keys: dict[str, Path] = {}
+    for path in sorted([*folder.glob("*.pub"), *folder.glob("*/*.pub")]):
+        if path.stem in keys:
+            raise ConfigError(f"two public keys for site {path.stem!r}: {keys[path.stem]} and {path}")
+        keys[path.stem] = path.resolve()
+    if not keys:
+        raise ConfigError(f"--sites {folder}: no NAME.pub files; each hospital runs `fedhosp certs site NAME` "
+                          "and sends its NAME.pub")
+    return keys
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen {text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def flwr_config(opts: ServerOptions) -> str:
+    """The coordinator's own `flwr` CLI reaches the SuperLink's Control API on loopback only."""
+    ca = json.dumps(str(ServerCerts.in_dir(opts.certs).ca_cert.resolve()))
+    return (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{LOOPBACK}:{opts.control_port}"\nroot-certificates = {ca}\n')
+
+
+def superlink_command(opts: ServerOptions) -> list[str]:
+    certs = ServerCerts.in_dir(opts.certs.resolve())
+    return [
+        "flower-superlink",
+        "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host", LOOPBACK, "--port", str(opts.control_port),
+        "--database", str((opts.work / "superlink.db").resolve()),
+    ]
+
+
+def register_command(name: str, key: Path) -> list[str]:
+    return ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name]
+
+
+def run_config(opts: ServerOptions) -> dict[str, str]:
+    values = {"num-server-rounds": str(opts.rounds), "out-dir": json.dumps(str(opts.out.resolve())),
+              "resume": "true" if opts.resume else "false"}
+    return {**values, **opts.run_config}
+
+
+def run_command(opts: ServerOptions) -> list[str]:
+    pairs = " ".join(f"{k}={v}" for k, v in run_config(opts).items())
+    return ["flwr", "run", str(opts.app.resolve()), CONNECTION, "--stream", "--run-config", pairs]
+
+
+def status_command(run_id: str) -> list[str]:
+    return ["flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"]
+
+
+def serve(opts: ServerOptions, echo: TextIO = sys.stdout) -> Path:
+    """Run the whole federation; return the final model's path. Every started process is stopped."""
+    certs = ServerCerts.in_dir(opts.certs)
+    certs.check()
+    keys = site_keys(opts.sites)
+    nginx = fleet_proxy.find_nginx(opts.nginx)
+    host, port = parse_listen(opts.listen)
+    if not (opts.app / "pyproject.toml").is_file():
+        raise ConfigError(f"--app {opts.app}: no pyproject.toml; point it at the fedhosp source folder")
+    if opts.resume and not (opts.out / "checkpoint-last.pt").is_file():
+        raise ConfigError(f"--resume: no checkpoint-last.pt in {opts.out}; pass the stopped run's --out")
+    opts.flwr_home.mkdir(parents=True, exist_ok=True)
+    (opts.flwr_home / "config.toml").write_text(flwr_config(opts))
+    env = processes.flower_env(opts.flwr_home.resolve())
+    with processes.stopping_on_sigterm(), _children() as children:
+        superlink = processes.start("SuperLink", superlink_command(opts), opts.work / "superlink.log", env)
+        children.append(superlink)
+        processes.wait_for_tls(superlink, LOOPBACK, opts.control_port, certs.ca_cert, opts.start_timeout)
+        for name, key in keys.items():  # before hospitals can reach it: an unknown key is turned away for good
+            register(name, key, env)
+        config = opts.work / fleet_proxy.CONFIG
+        config.write_text(fleet_proxy.render(host, port, opts.control_port, ServerCerts.in_dir(opts.certs.resolve()),
+                                             opts.work.resolve()))
+        proxy = processes.start("nginx", fleet_proxy.command(nginx, config.resolve()), opts.work / "nginx.out", env)
+        children.append(proxy)
+        processes.wait_for_tls(proxy, LOOPBACK if host in ("0.0.0.0", "::") else host, port, certs.ca_cert,
+                               opts.start_timeout)
+        print(f"hospitals connect to {host}:{port} (Fleet API only); the Control API stays on "
+              f"{LOOPBACK}:{opts.control_port}", file=echo, flush=True)
+        run_id = submit(opts, env, children, echo)
+        status = run_status(run_id, env)
+    if status.get("status") != "finished:completed":
+        raise RunFailed(f"run {run_id} ended {status.get('status', 'in an unknown state')}"
+                        f" ({status.get('status-details', '')}); the full stream is in {opts.work / 'run.log'}")
+    return opts.out / "model.pt"
+
+
+def register(name: str, key: Path, env: Mapping[str, str]) -> None:
+    cmd = register_command(name, key)
+    processes.show(cmd)
+    done = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, check=False)
+    text = done.stdout + done.stderr
+    if done.returncode == 0:
+        return
+    if "already in use" in text:  # registered by an earlier start of this coordinator (same database)
+        print(f"  {name}: already registered", flush=True)
+        return
+    raise ConfigError(f"registering {name} ({key}) failed: {_last_words(text)}")
+
+
+def submit(opts: ServerOptions, env: Mapping[str, str], children: list[processes.Child], echo: TextIO) -> str:
+    """`flwr run --stream`: the whole stream to run.log, our own lines to `echo`; return the run id."""
+    cmd = run_command(opts)
+    processes.show(cmd)
+    run_id = ""
+    with open(opts.work / "run.log", "a") as full:
+        popen = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        children.append(processes.Child("flwr run", popen, opts.work / "run.log"))
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            full.write(line)
+            full.flush()
+            if match := STARTED.search(line):
+                run_id = match.group(1)
+                print(f"run {run_id} submitted", file=echo, flush=True)
+            elif line.strip() and (OWN_ERROR.match(line) or not FLOWER_LINE.match(line)):
+                print(line.rstrip(), file=echo, flush=True)
+        popen.wait()
+    if not run_id:
+        raise RunFailed(f"`flwr run` did not start a run (status {popen.returncode}): "
+                        f"{_last_words((opts.work / 'run.log').read_text())}")
+    return run_id
+
+
+def run_status(run_id: str, env: Mapping[str, str]) -> dict[str, Any]:
+    cmd = status_command(run_id)
+    processes.show(cmd)
+    done = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, check=False)
+    try:
+        runs = json.loads(done.stdout[done.stdout.index("{"):])["runs"]
+    except (ValueError, KeyError):
+        return {}
+    return next((r for r in runs if str(r.get("run-id")) == run_id), {})
+
+
+def _last_words(text: str) -> str:
+    lines = [ln.strip(" │╭╰─") for ln in text.splitlines() if ln.strip(" │╭╰─")]
+    return lines[-1] if lines else "no output"
+
+
+@contextmanager
+def _children() -> Iterator[list[processes.Child]]:
+    children: list[processes.Child] = []
+    try:
+        yield children
+    finally:
+        for child in reversed(children):
+            processes.stop(child)

@@ -1,0 +1,158 @@
+"""The deployment commands of `fedhosp`: `certs init`, `certs site`, `server`, `client`, `audit show`.
+
+Kept apart from fedhosp/cli.py so that the parser stays one screen per concern; the
+handlers import their modules lazily, like the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from common.config import DEVICES
+
+DEFAULT_LISTEN = "0.0.0.0:9092"
+DEFAULT_CONTROL_PORT = 9093
+DEFAULT_RUNTIME_PORT = 9094
+
+
+def add_deploy_commands(sub: Any) -> None:
+    certs = sub.add_parser("certs", help="provisioning: the consortium CA, the server certificate, site keys")
+    certs_sub = certs.add_subparsers(required=True, metavar="ACTION")
+    init = certs_sub.add_parser("init", help="create a CA and the coordinator's TLS certificate")
+    init.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
+    init.add_argument("--server-name", required=True, metavar="HOST[,IP...]",
+                      help="every host name and IP address hospitals use to reach the coordinator")
+    init.set_defaults(handler=cmd_certs_init)
+    site = certs_sub.add_parser("site", help="create a hospital's key pair (run it at the hospital)")
+    site.add_argument("name", metavar="NAME", help="the site's name, e.g. st-marys")
+    site.add_argument("--out", type=Path, required=True, help="the site's own folder: NAME.key stays there")
+    site.set_defaults(handler=cmd_certs_site)
+
+    server = sub.add_parser("server", help="coordinate a real federation: SuperLink + TLS + authenticated sites")
+    server.add_argument("--certs", type=Path, required=True, help="the folder `fedhosp certs init` wrote")
+    server.add_argument("--sites", type=Path, required=True, help="folder of the hospitals' NAME.pub files")
+    server.add_argument("--rounds", type=int, required=True, help="server rounds")
+    server.add_argument("--out", type=Path, default=Path("runs/server"),
+                        help="run folder: model.pt, checkpoints, run log, Flower's logs (default runs/server)")
+    server.add_argument("--resume", action="store_true",
+                        help="continue the run stopped in --out at the round after its last checkpoint")
+    server.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help=f"the hospitals' address: Fleet API only, through nginx (default {DEFAULT_LISTEN})")
+    server.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
+                        help=f"the SuperLink's port on 127.0.0.1, never exposed (default {DEFAULT_CONTROL_PORT})")
+    server.add_argument("--min-sites", type=int, default=None, help="sites needed per round (min-available-sites)")
+    server.add_argument("--site-wait", type=float, default=None,
+                        help="seconds to wait for --min-sites sites before giving up (site-wait)")
+    server.add_argument("--round-timeout", type=float, default=None,
+                        help="seconds a round waits for replies; late sites are left out (round-timeout)")
+    server.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
+                        help="any run setting, as for `flwr run --run-config` (TOML values: strings quoted)")
+    server.add_argument("--app", type=Path, default=None,
+                        help="the fedhosp source folder (with pyproject.toml) to submit; default: this install's")
+    server.add_argument("--nginx", default=None, metavar="PATH", help="the nginx binary (default: from PATH)")
+    server.set_defaults(handler=cmd_server)
+
+    client = sub.add_parser("client", help="join a federation as a hospital (a Flower SuperNode)")
+    client.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's hospital address")
+    client.add_argument("--ca", type=Path, required=True, help="the consortium's ca.crt")
+    client.add_argument("--key", type=Path, required=True, help="this site's NAME.key (from `fedhosp certs site`)")
+    client.add_argument("--data", type=Path, required=True, help="this site's data folder")
+    client.add_argument("--state", type=Path, default=None,
+                        help="this site's state folder: privacy ledger, audit log, cache (default: state/ beside "
+                             "--key)")
+    client.add_argument("--device", choices=DEVICES, default="auto")
+    client.add_argument("--privacy-budget", type=float, default=0.0,
+                        help="this site's total ε over every run on its data (0: none)")
+    client.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT,
+                        help=f"the SuperNode's local Runtime API port on 127.0.0.1 (default {DEFAULT_RUNTIME_PORT})")
+    client.add_argument("--max-wait", type=float, default=None,
+                        help="give up after this many seconds without the server (default: keep trying)")
+    client.set_defaults(handler=cmd_client)
+
+    audit = sub.add_parser("audit", help="a site's audit trail: every run it joined")
+    audit_sub = audit.add_subparsers(required=True, metavar="ACTION")
+    show = audit_sub.add_parser("show", help="one line per run: rounds, ε, app hash")
+    show.add_argument("--state", type=Path, required=True, help="the site's state folder")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_audit_show)
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from fedhosp import certs
+
+    made = certs.init(args.out, certs.server_names(args.server_name))
+    print(f"CA: {made.ca_cert} (give to every hospital) and {made.ca_key} (keep offline)")
+    print(f"server: {made.cert}, {made.key} (stay on the coordinator)")
+    return 0
+
+
+def cmd_certs_site(args: argparse.Namespace) -> int:
+    from fedhosp import certs
+
+    keys = certs.site(args.name, args.out)
+    print(f"private key: {keys.private} (stays here, mode 0600)")
+    print(f"public key:  {keys.public} (send it to the coordinator, for `fedhosp server --sites`)")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedhosp import coordinator, processes
+    from fedhosp.cli import parse_run_config
+
+    extra = parse_run_config(args.run_config)
+    for key, value in (("min-available-sites", args.min_sites), ("site-wait", args.site_wait),
+                       ("round-timeout", args.round_timeout)):
+        if value is not None:
+            extra[key] = str(value)
+    opts = coordinator.ServerOptions(
+        certs=args.certs, sites=args.sites, rounds=args.rounds, out=args.out, app=args.app or _source_root(),
+        resume=args.resume, listen=args.listen, control_port=args.control_port, run_config=extra, nginx=args.nginx,
+    )
+    processes.become_subreaper()
+    try:
+        model = coordinator.serve(opts)
+    finally:
+        processes.stop_strays()
+    print(f"global model: {model}")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedhosp import hospital, processes
+
+    processes.become_subreaper()
+    try:
+        hospital.join(hospital.ClientOptions(
+            server=args.server, ca=args.ca, key=args.key, data=args.data, state=args.state, device=args.device,
+            privacy_budget=args.privacy_budget, runtime_port=args.runtime_port, max_wait=args.max_wait,
+        ))
+    finally:
+        processes.stop_strays()
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from client import audit
+
+    runs = audit.summary(args.state)
+    if args.json:
+        print(json.dumps(runs, indent=1))
+        return 0
+    print(f"{'run':<22} {'first seen':<20} {'rounds':>6} {'evals':>5} {'refused':>7} {'eps run':>8} "
+          f"{'eps total':>9}  app")
+    for r in runs:
+        print(f"{r['run-id']:<22} {r['first'][:19]:<20} {len(r['rounds']):>6} {r['evaluations']:>5} "
+              f"{r['refused']:>7} {_num(r['epsilon']):>8} {_num(r['epsilon-total']):>9}  {r['app']}")
+    return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _source_root() -> Path:
+    """The folder holding fedhosp's pyproject.toml: what `flwr run` packs into the app bundle."""
+    return Path(__file__).resolve().parents[1]

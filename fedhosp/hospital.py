@@ -1,0 +1,154 @@
+"""`fedhosp client`: one hospital's SuperNode, with the site's settings as Flower node config.
+
+The SuperNode dials the coordinator over TLS, trusting only the consortium CA, signs
+every Fleet API call with the site's private key (SuperNode authentication) and runs
+our ClientApp, which reads `data-path`, `state-dir`, `device` and `privacy-budget` from
+the node config (common/config.py SiteConfig). Runtime dependency installation stays
+off: the ClientApp runs in this environment, nothing is downloaded at run time.
+Before starting, a TLS handshake checks the CA and the server name, so a wrong CA or
+a plaintext server is reported in one line instead of as endless reconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from common.config import DEVICES
+from common.errors import ConfigError, FedhospError
+from fedhosp import processes
+
+REFUSED_KEY = "Failed to activate SuperNode"  # Flower's words when the SuperLink does not know the key
+
+
+class SiteRefused(FedhospError):
+    """The coordinator did not accept this site: unknown key, TLS failure, or no connection."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    server: str
+    ca: Path
+    key: Path
+    data: Path
+    state: Path | None = None  # default: a `state` folder beside the key, in the site's own folder
+    device: str = "auto"
+    privacy_budget: float = 0.0
+    runtime_port: int = 9094  # the SuperNode's own Runtime API, on 127.0.0.1
+    max_wait: float | None = None  # stop trying to reach the server after this many seconds (None: never)
+
+    @property
+    def state_dir(self) -> Path:
+        return (self.state or self.key.parent / "state").resolve()
+
+
+def node_config(opts: ClientOptions) -> str:
+    """Flower's `--node-config` string (TOML values): what SiteConfig reads at the site."""
+    values = {"data-path": json.dumps(str(opts.data.resolve())), "state-dir": json.dumps(str(opts.state_dir)),
+              "device": json.dumps(opts.device), "privacy-budget": repr(float(opts.privacy_budget))}
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+def supernode_command(opts: ClientOptions) -> list[str]:
+    cmd = [
+        "flower-supernode",
+        "--superlink", opts.server,
+        "--root-certificates", str(opts.ca.resolve()),
+        "--auth-supernode-private-key", str(opts.key.resolve()),
+        "--node-config", node_config(opts),
+        "--host", "127.0.0.1", "--port", str(opts.runtime_port),
+    ]
+    if opts.max_wait is not None:
+        cmd += ["--max-wait-time", f"{opts.max_wait:g}"]
+    return cmd
+
+
+def check(opts: ClientOptions) -> None:
+    if opts.device not in DEVICES:
+        raise ConfigError(f"--device {opts.device!r}: expected {' | '.join(DEVICES)}")
+    if opts.privacy_budget < 0:
+        raise ConfigError("--privacy-budget must be >= 0 (0: no budget)")
+    for flag, path in (("--ca", opts.ca), ("--key", opts.key)):
+        if not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if opts.key.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"--key {opts.key} is readable by others: `chmod 600 {opts.key}` (it is the site's identity)")
+    if not opts.data.is_dir():
+        raise ConfigError(f"--data {opts.data}: no such folder; pass the hospital's data folder")
+    host, _, port = opts.server.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--server {opts.server!r} is not HOST:PORT")
+
+
+def preflight_tls(opts: ClientOptions, timeout: float = 10.0) -> bool:
+    """Handshake once with the CA; True if the server answered, False if it is not up yet."""
+    host, _, port = opts.server.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(opts.ca))
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLCertVerificationError as exc:
+        raise SiteRefused(f"TLS: the server at {opts.server} is not trusted with --ca {opts.ca} "
+                          f"({exc.verify_message}): ask the coordinator for the consortium's ca.crt and the "
+                          "address its certificate names") from None
+    except ssl.SSLError as exc:
+        raise SiteRefused(f"TLS: no TLS handshake with {opts.server} ({exc.reason}): is it the coordinator's "
+                          "hospital address (fedhosp server --listen)?") from None
+    except OSError:
+        return False
+
+
+def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
+    """Run the SuperNode until it stops; raise SiteRefused with the reason if it was turned away."""
+    check(opts)
+    if not preflight_tls(opts):
+        print(f"{opts.server} does not answer yet; the SuperNode keeps trying", file=echo, flush=True)
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    home = opts.state_dir / "flwr-home"
+    env = processes.flower_env(home.resolve())
+    cmd = supernode_command(opts)
+    processes.show(cmd)
+    log_path = opts.state_dir / "supernode.log"
+    with processes.stopping_on_sigterm(), open(log_path, "a") as full:
+        popen = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        child = processes.Child("SuperNode", popen, log_path)
+        lines: list[str] = []
+        pump = threading.Thread(target=_pump, args=(popen, full, echo, lines), daemon=True)
+        pump.start()
+        try:
+            # Wait for the SuperNode itself, not for end of output: its SuperExec inherits the pipe
+            # and may outlive it. Track its children while it lives, to stop them all afterwards.
+            while popen.poll() is None:
+                child.refresh()
+                time.sleep(0.2)
+        finally:
+            processes.stop(child)
+        pump.join(timeout=2)
+    refused = any(REFUSED_KEY in line for line in lines)
+    if refused:
+        raise SiteRefused(f"the coordinator refused this site's key ({opts.key.name}): it is not registered; send "
+                          f"{opts.key.with_suffix('.pub').name} to the coordinator (fedhosp server --sites)")
+    if popen.returncode not in (0, None, -2, 130):
+        raise SiteRefused(f"the SuperNode stopped with status {popen.returncode}; see {log_path}")
+
+
+def _pump(popen: subprocess.Popen[str], full: TextIO, echo: TextIO, lines: list[str]) -> None:
+    """Copy the SuperNode's output to its log and the console; keep the lines for the verdict."""
+    assert popen.stdout is not None
+    for line in popen.stdout:
+        full.write(line)
+        full.flush()
+        print(line.rstrip(), file=echo, flush=True)
+        lines.append(line)

@@ -1,0 +1,193 @@
+"""Start and stop Flower's long-running processes (and nginx) for `fedhosp server` / `fedhosp client`.
+
+Flower's SuperLink and SuperNode start children in sessions of their own (SuperExec,
+then one `flwr-serverapp` / `flwr-clientapp` per task), so stopping a process group
+is not enough: `stop` ends the whole tree, found through /proc, so that no Flower
+process outlives the command that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedhospError
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Without it the SuperLink `uv sync`s our dependencies (torch: gigabytes) before every run.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+class StartError(FedhospError):
+    """A Flower process or the proxy did not come up."""
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[Any]
+    log: Path
+    known: set[int] = field(default_factory=set)  # every descendant seen: orphans are re-parented away
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def refresh(self) -> None:
+        self.known.update(descendants(self.popen.pid))
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every Flower command gets: its own FLWR_HOME, no telemetry, no installs."""
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), **(extra or {})}
+    bin_dir = str(Path(sys.executable).parent)  # Flower's commands live beside this interpreter
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def show(cmd: Sequence[str]) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+
+
+def start(name: str, cmd: Sequence[str], log: Path, env: Mapping[str, str]) -> Child:
+    show(cmd)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        popen = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=dict(env), start_new_session=True)
+    return Child(name, popen, log)
+
+
+def stop(child: Child, grace: float = 10.0) -> None:
+    """SIGTERM the process and everything it started; SIGKILL whatever is left after `grace`."""
+    child.refresh()
+    tree = [child.popen.pid, *sorted(child.known)]
+    for pid in tree:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_running(pid) for pid in tree):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(timeout=0.1)
+        tree += [p for p in descendants(child.popen.pid) if p not in tree]
+    for pid in tree:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.popen.wait(timeout=5)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            found.append(kid)
+            todo.append(kid)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_tls(child: Child, host: str, port: int, ca: Path, timeout: float) -> None:
+    """Until `host:port` completes a TLS handshake that `ca` verifies; fail early if `child` died."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    while True:
+        if not child.alive():
+            raise StartError(f"{child.name} exited with status {child.popen.returncode}; its log "
+                             f"({child.log}) ends:\n{child.tail()}")
+        try:
+            with socket.create_connection((host, port), timeout=2) as raw, \
+                    context.wrap_socket(raw, server_hostname=host):
+                return
+        except (OSError, ssl.SSLError):
+            if time.monotonic() > deadline:
+                raise StartError(f"{child.name} did not answer on {host}:{port} within {timeout:g}s; "
+                                 f"see {child.log}") from None
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """`docker stop` and process managers send SIGTERM: unwind (and stop children) as on Ctrl-C."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def become_subreaper() -> None:
+    """Have orphaned descendants (a SuperExec whose SuperNode died) re-parented to this process
+    instead of init, so `stop_strays` still finds them (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def stop_strays(grace: float = 5.0) -> None:
+    """Stop and reap every process still below this one: for a CLI command on its way out."""
+    strays = descendants(os.getpid())
+    for pid in strays:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_running(pid) for pid in strays):
+        time.sleep(0.1)
+    for pid in strays:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
