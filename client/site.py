@@ -50,17 +50,18 @@ class Site:
     def data(self) -> tuple[TensorDataset, TensorDataset]:
         """(train, validation) tensors, decoded once and cached on the site's disk."""
         root = Path(self.config.data_path)
-        examples = sources.dicom_folder(root, self.run.task)
+        examples = sources.load(root, self.run.task)
         params = {"decoder": "v2", "task": self.run.task, "image_size": self.run.image_size}
         split_key = f"{self.run.val_fraction}|{self.run.seed}|{self.run.num_classes}"
-        key = f"{root.resolve()}|{cache.cache_key(examples, root, params)}|{split_key}"
+        cache_dir = Path(self.config.state_dir) / "cache"
+        key = f"{root.resolve()}|{cache.cache_key(examples, root, params, cache_dir)}|{split_key}"
         if key not in _MEMO:
             decoded = cache.load_or_decode(
-                examples, root, Path(self.config.state_dir) / "cache", params,
+                examples, root, cache_dir, params,
                 partial(decode_example, size=self.run.image_size),
             )
             self._check_classes(root, decoded)
-            val = split.validation_mask(decoded.names, self.run.val_fraction, self.run.seed)
+            val = split.held_out(decoded, self.run.val_fraction, self.run.seed)
             images = torch.from_numpy(decoded.images.astype("float32")).unsqueeze(1)
             labels = torch.from_numpy(decoded.targets)
             if len(_MEMO) >= _MEMO_SIZE:
