@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -155,11 +155,13 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
         reasons = sorted({m.error.reason for m in replies if m.has_error()})
         if result.refused:
             reasons.append(f"{len(result.refused)} refused: privacy budget spent")
+        if result.rejected:
+            reasons.append(f"{len(result.rejected)} rejected by validation: {result.rejected[0]['reason']}")
         raise FedhospError(
             f"round {server_round}: no site returned an update ({'; '.join(reasons) or 'no reply in time'}); "
             "check the sites' logs"
         )
-    arrays = new_arrays
+    arrays = _like(new_arrays, arrays)
     result.train = dict(train_metrics or {})
     if cfg.client_dp != "off":
         result.train["client-epsilon"] = client_epsilon(strategy, cfg, server_round)
@@ -168,6 +170,14 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     result.evaluate = dict(strategy.aggregate_evaluate(server_round, replies) or {})
     result.seconds = time.monotonic() - started
     return arrays, result
+
+
+def _like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
+    """The aggregate in the model's own dtypes: FedAdam & co. return float64, and every later round
+    (sites, validation, checkpoints) expects the model's float32."""
+    if all(new[k].dtype == old[k].dtype for k in old):
+        return new
+    return ArrayRecord({k: Array(new[k].numpy().astype(old[k].numpy().dtype)) for k in old})
 
 
 def _refusal(msg: Message, server_round: int) -> dict[str, Any]:

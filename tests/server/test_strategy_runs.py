@@ -207,3 +207,12 @@ def test_run_log_is_json_per_round(data, tmp_path):
     out, _ = _run(data, tmp_path, "log", **{"num-server-rounds": 1})
     line = json.loads((out / runlog.RUN_LOG).read_text().splitlines()[0])
     assert line["round"] == 1 and line["sites_rejected"] == 0 and len(line["site_scores"]) == SITES
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedadagrad", "fedmedian", "krum", "bulyan"])
+def test_every_strategy_runs_rounds_and_keeps_the_models_dtype(data, tmp_path, strategy):
+    extra = {"num-malicious-sites": 1} if strategy == "krum" else {}
+    out, records = _run(data, tmp_path, strategy, strategy=strategy, **{"num-server-rounds": 2, "local-epochs": 1},
+                        **extra)
+    assert [r["sites_ok"] for r in records] == [SITES, SITES] and not any(r["sites_rejected"] for r in records)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in _weights(out).values())
