@@ -57,6 +57,7 @@ def trained_classifier(tmp_path_factory) -> TrainedClassifier:
     from server.app import RoundResult
     from server.strategies import aggregate_metrics
 
+    torch.set_num_threads(1)  # session fixtures run before the autouse one above
     base = tmp_path_factory.mktemp("trained")
     synthetic.write_hospitals(base / "hospitals", num_sites=2, seed=21, images_per_site=400)
     run = RunConfig(dp_enabled=False, client_threads=1)
