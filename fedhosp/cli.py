@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import DEVICES, TASKS, RunConfig
+from common.data.partition import SCHEMES as PARTITION_SCHEMES
 from common.errors import ConfigError, FedhospError
 from common.logs import ensure_console
 from fedhosp.deploy_cli import add_deploy_commands
@@ -67,7 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, default=None, help="server rounds (default: pyproject's)")
     sim.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     sim.add_argument("--data", type=Path, default=None,
-                     help="existing hospitals (site-000/, site-001/, ...) instead of synthetic ones")
+                     help="existing hospitals (site-000/, site-001/, ...) instead of synthetic ones; or, with "
+                          "--partition or a .npz, one pool to split into sites (MedMNIST .npz, labelled folder)")
+    sim.add_argument("--partition", choices=PARTITION_SCHEMES, default=None,
+                     help="split one pool (--data, or synthetic) into the sites: iid, dirichlet (label skew), "
+                          "quantity (size skew)")
+    sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition (default 0.5)")
+    sim.add_argument("--scanner-shift", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
+                     help="each split site its own scanner (intensity, gamma, noise, blur, resolution); 1 = strong")
+    sim.add_argument("--baselines", action="store_true",
+                     help="also train pooled and local-only models, scored on the same held-out data")
+    sim.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                     help="ray: Flower's simulation engine (default); inprocess: the same apps, one site at a time")
+    sim.add_argument("--random-site-secrets", action="store_true",
+                     help="DP noise from random per-site secrets, as real sites do (default: derived from --seed)")
     sim.add_argument("--task", choices=TASKS, default=None, help="classification (default) or segmentation")
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     sim.add_argument("--epsilon", type=float, default=None, help="target ε for the whole run")
@@ -135,7 +149,7 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
     out = args.out
     values: dict[str, Any] = {
         "out-dir": str(out),
-        "data-root": str(args.data if args.data else out / "hospitals"),
+        "data-root": str(args.data if args.data and not splits_pool(args) else out / "hospitals"),
         "state-root": str(out / "sites"),
         "min-available-sites": max(args.sites, 1),
     }
@@ -154,27 +168,44 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping({**defaults, **values})
 
 
+def splits_pool(args: argparse.Namespace) -> bool:
+    """Split one pool into sites (--partition, --scanner-shift or an .npz) rather than use site folders."""
+    if args.data is not None and args.data.suffix != ".npz" and (args.data / "site-000").is_dir():
+        if args.partition or args.scanner_shift:
+            raise ConfigError(f"--data {args.data} already holds site folders: --partition and --scanner-shift "
+                              "split one pool (an .npz or a folder of labelled images)")
+        return False
+    return bool(args.partition or args.scanner_shift or (args.data is not None and args.data.suffix == ".npz"))
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulation import report
     from simulation.run import SimulationOptions, simulate
+    from simulation.virtual_sites import PartitionOptions
 
     cfg = simulate_config(args)
+    pooled = splits_pool(args)
     opts = SimulationOptions(
         sites=args.sites,
         images_per_site=args.images_per_site,
         synthesize=args.data is None,
         cpus_per_site=args.cpus_per_site,
         verbose=args.verbose,
+        partition=PartitionOptions(args.partition or "iid", args.alpha, args.scanner_shift) if pooled else None,
+        pool_data=args.data if pooled else None,
+        baselines=args.baselines,
+        derive_site_secrets=not args.random_site_secrets,
+        engine=args.engine,
     )
     dp = f"DP-SGD, target ε={cfg.dp_target_epsilon:g}, δ={cfg.dp_target_delta:g}" if cfg.dp_enabled else "no DP"
     log.info("fedhosp simulate: %d sites, %d rounds, %s with %s, %s", args.sites, cfg.num_server_rounds, cfg.task,
              cfg.model, dp)
     started = time.monotonic()
-    simulate(cfg, opts)
+    extra = simulate(cfg, opts)
     results = report.write(Path(cfg.out_dir), cfg.to_mapping(), args.sites,
-                           {"seconds": round(time.monotonic() - started, 1)})
-    final = report.final_line(results)
-    log.info(final)
+                           {"seconds": round(time.monotonic() - started, 1), **extra})
+    for line in report.summary_lines(results):
+        log.info(line)
     print(f"results: {results}")
     return 0
 

@@ -2,7 +2,7 @@
 
 For tests and benchmarks that compare strategies over many short runs, where Flower's
 simulation engine would spend more time starting than training. Messages are built,
-stamped and answered exactly as the engine does (the ClientApp's handlers, Flower's
+stamped and answered exactly as the engine does (the simulation's ClientApp, Flower's
 Message and RecordDict), one site after another; node ids are the partition ids + 1,
 so runs are reproducible. `intercept` lets a test play a hostile site.
 """
@@ -16,9 +16,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app as client_app
 from common.config import RunConfig
 from server.app import run as run_server
+from simulation.clientapp import app as client_app
 
 Intercept = Callable[[int, Message, Message], Message]  # (partition id, request, honest reply) -> reply
 
@@ -81,7 +81,12 @@ def _identity(run_id: int, node: int) -> Iterator[None]:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def run_inprocess(cfg: RunConfig, sites: int, run_id: int = 1, intercept: Intercept | None = None) -> None:
-    """The real ServerApp loop against `sites` in-process sites; writes into cfg.out_dir like a simulation."""
+def run_inprocess(cfg: RunConfig, sites: int, run_id: int = 1, intercept: Intercept | None = None,
+                  wrap: Callable[[Grid], Grid] | None = None) -> None:
+    """The real ServerApp loop against `sites` in-process sites; writes into cfg.out_dir like a simulation.
+
+    `wrap` puts a grid in front of the sites, as simulation/run.py does for Flower's engine.
+    """
+    grid: Grid = InProcessGrid(sites, run_id, intercept)
     with _identity(run_id, 0):
-        run_server(InProcessGrid(sites, run_id, intercept), cfg, str(run_id))
+        run_server(wrap(grid) if wrap is not None else grid, cfg, str(run_id))

@@ -1,4 +1,10 @@
-"""A finished run as results.json, rounds.csv and PNGs (curves, privacy per site), beside the run log."""
+"""A finished run as results.json, rounds.csv and PNGs (curves, per-site spread, privacy), beside the run log.
+
+A simulation adds what only it knows: the source's test split scored every round
+(`central.jsonl`), which node played which partition (`nodes.json`: sites are named
+site-NNN, not by Flower's random node ids, so two runs with one seed write the same
+results), the pooled and local-only baselines, the partition and the peak memory.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,37 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from common.config import site_name
 from server import runlog
 
 RESULTS = "results.json"
 ROUNDS_CSV = "rounds.csv"
 CURVES_PNG = "curves.png"
 PRIVACY_PNG = "privacy.png"
+SITES_PNG = "sites.png"
+CENTRAL = "central.jsonl"  # simulation/central.py: the global model on the source's test split, per round
+NODES = "nodes.json"  # simulation/grid.py: node id -> partition id
 METRICS = {"classification": ("accuracy", "auc"), "segmentation": ("dice", "iou")}
-COLUMNS = ("round", "loss", "accuracy", "auc", "dice", "iou", "epsilon_max", "epsilon_total_max", "client_epsilon",
+SCORES = ("loss", "accuracy", "auc", "dice", "iou")
+LEGEND_SITES = 10  # beyond this many sites a legend hides the plot
+COLUMNS = ("round", "loss", "accuracy", "auc", "dice", "iou", "test_loss", "test_accuracy", "test_auc", "test_dice",
+           "test_iou", "site_worst", "site_median", "epsilon_max", "epsilon_total_max", "client_epsilon",
            "train_loss", "sites_ok", "sites_failed", "sites_refused", "seconds")
 
 
-def round_row(record: dict[str, Any]) -> dict[str, Any]:
+def round_row(record: dict[str, Any], test: dict[str, Any] | None = None, primary: str = "accuracy") -> dict[str, Any]:
+    """One round; `test` is the global model on the source's test split, when it has one."""
     ev, tr = record["evaluate"], record["train"]
+    spread = sorted(float(s[primary]) for s in record.get("site_scores", []) if primary in s)
     return {
         "round": record["round"],
         "loss": ev.get("loss"),
         **{key: ev[key] for key in ("accuracy", "auc", "dice", "iou") if key in ev},
+        **{f"test_{key}": test[key] for key in SCORES if test and key in test},
+        "site_worst": spread[0] if spread else None,
+        "site_median": float(np.median(spread)) if spread else None,
         "epsilon_max": tr.get("epsilon-max"),
         "epsilon_total_max": tr.get("epsilon-total-max"),
         "client_epsilon": tr.get("client-epsilon"),
@@ -35,31 +55,70 @@ def round_row(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def privacy_by_site(records: list[dict[str, Any]]) -> dict[str, Any]:
+def privacy_by_site(records: list[dict[str, Any]], names: dict[int, str] | None = None) -> dict[str, Any]:
     """ε of each site after each round it trained, and every refusal: who, when, how much was spent."""
     per_site: dict[str, list[dict[str, Any]]] = {}
     refused = []
     for record in records:
         for site in record.get("sites", []):
-            per_site.setdefault(str(site["node"]), []).append({"round": record["round"], **site})
-        refused += [{"round": record["round"], **r} for r in record.get("refused", [])]
-    return {"per-site": per_site, "refused": refused}
+            name, entry = _named(site, names)
+            per_site.setdefault(name, []).append({"round": record["round"], **entry})
+        refused += [{"round": record["round"], **_named(r, names)[1]} for r in record.get("refused", [])]
+    return {"per-site": dict(sorted(per_site.items())), "refused": refused}
+
+
+def scores_by_site(records: list[dict[str, Any]], names: dict[int, str] | None = None) -> dict[str, Any]:
+    """Each site's held-out metrics for the global model (and a personalized one), per round."""
+    per_site: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        for site in record.get("site_scores", []):
+            name, entry = _named(site, names)
+            per_site.setdefault(name, []).append({"round": record["round"], **entry})
+    return dict(sorted(per_site.items()))
+
+
+def _named(entry: dict[str, Any], names: dict[int, str] | None) -> tuple[str, dict[str, Any]]:
+    """A simulation's site by its partition name (reproducible); otherwise by node id."""
+    node = entry.get("node")
+    if names and node in names:
+        return names[node], {"site": names[node], **{k: v for k, v in entry.items() if k != "node"}}
+    return str(node), dict(entry)
+
+
+def site_names(out_dir: Path) -> dict[int, str]:
+    path = Path(out_dir) / NODES
+    if not path.is_file():
+        return {}
+    return {int(node): site_name(int(pid)) for node, pid in json.loads(path.read_text()).items()}
+
+
+def central_rounds(out_dir: Path) -> dict[int, dict[str, Any]]:
+    path = Path(out_dir) / CENTRAL
+    if not path.is_file():
+        return {}
+    return {r["round"]: r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
 
 
 def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, Any] | None = None) -> Path:
     """Build the report from the run log the ServerApp wrote; return the results.json path."""
     out_dir = Path(out_dir)
     records = runlog.read(out_dir / runlog.RUN_LOG)
-    rows = [round_row(r) for r in records]
+    shown = METRICS[config.get("task", "classification")]
+    tests = central_rounds(out_dir)
+    rows = [round_row(r, tests.get(r["round"]), shown[0]) for r in records]
     last = rows[-1] if rows else {}
     stops = runlog.events(out_dir / runlog.RUN_LOG)
-    privacy = privacy_by_site(records + [s for s in stops if s.get("refused")])
-    shown = METRICS[config.get("task", "classification")]
+    names = site_names(out_dir)
+    privacy = privacy_by_site(records + [s for s in stops if s.get("refused")], names)
+    per_site = scores_by_site(records, names)
+    final_keys = ("loss", *shown, *(f"test_{k}" for k in ("loss", *shown)), "site_worst", "site_median",
+                  "epsilon_max")
     results = {
         "config": config,
         "sites": sites,
         "rounds": rows,
-        "final": {k: last.get(k) for k in ("loss", *shown, "epsilon_max")},
+        "final": {k: last.get(k) for k in final_keys if k in last},
+        "site-scores": per_site,
         "privacy": privacy,
         "stopped": stops[-1]["reason"] if stops else None,
         "model": "model.pt",
@@ -73,30 +132,52 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
         writer.writerows(rows)
     if rows:
         target = config.get("dp-target-epsilon") if config.get("dp-enabled") else None
-        plot_curves(rows, out_dir / CURVES_PNG, shown, target)
+        plot_curves(rows, out_dir / CURVES_PNG, shown, target, results.get("baselines"))
+    if per_site:
+        plot_sites(per_site, out_dir / SITES_PNG, shown[0], results.get("baselines"))
     if privacy["per-site"] and any("epsilon" in p for v in privacy["per-site"].values() for p in v):
         plot_privacy(privacy, out_dir / PRIVACY_PNG, config.get("dp-target-epsilon"),
                      config.get("site-privacy-budget") or None)
     return path
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, shown: tuple[str, ...], target_epsilon: float | None) -> None:
+def plot_curves(rows: list[dict[str, Any]], path: Path, shown: tuple[str, ...], target_epsilon: float | None,
+                baselines: dict[str, Any] | None = None) -> None:
+    """Global metrics per round: on the sites' validation splits (solid), on the source's test
+    split (dashed) where it has one, and the pooled / local-only baselines as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     titles = {"accuracy": "held-out accuracy", "auc": "held-out AUC", "dice": "held-out Dice", "iou": "held-out IoU"}
     panels = [(key, titles[key]) for key in shown] + [("loss", "held-out loss")]
     if target_epsilon is not None:
         panels.append(("epsilon_max", "ε spent (max over sites)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    has_test = any(r.get(f"test_{shown[0]}") is not None for r in rows)
     for ax, (key, title) in zip(axes, panels, strict=True):
-        ax.plot(rounds, [r[key] for r in rows], marker="o")
+        label = ("federated, sites' val" if has_test else "federated") if key in SCORES else None
+        ax.plot(rounds, [r.get(key) for r in rows], marker="o", label=label)
+        if key in SCORES and has_test:
+            ax.plot(rounds, [r.get(f"test_{key}") for r in rows], marker="s", linestyle="--", color="C0",
+                    label="federated, test split")
+        if key in SCORES and baselines:
+            for name, color, style in (("pooled", "C2", "-."), ("local", "C3", ":")):
+                where = "test" if has_test and baselines[name].get("test") else "sites"
+                value = (baselines[name].get(where) or {}).get(key)
+                if value is not None:
+                    label = {"pooled": "pooled", "local": "local-only (mean)"}[name]
+                    ax.axhline(value, color=color, linestyle=style,
+                               label=f"{label}, {'test split' if where == 'test' else 'sites' + chr(39) + ' val'}")
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        if key in SCORES and (has_test or baselines) and key == shown[0]:
+            ax.legend(fontsize=7)
     if target_epsilon is not None:
         axes[-1].axhline(target_epsilon, color="red", linestyle="--", label=f"target ε = {target_epsilon:g}")
         axes[-1].legend()
@@ -117,7 +198,7 @@ def plot_privacy(privacy: dict[str, Any], path: Path, target: float | None, budg
         color = f"C{i % 10}"
         rounds = [p["round"] for p in points if "epsilon" in p]
         ax.plot(rounds, [p["epsilon"] for p in points if "epsilon" in p], marker="o", color=color,
-                label=f"site {node[-6:]}")
+                label=(node if node.startswith("site-") else f"site {node[-6:]}") if i < LEGEND_SITES else None)
         if any("epsilon-total" in p for p in points):
             ax.plot(rounds, [p.get("epsilon-total") for p in points if "epsilon" in p], linestyle=":", color=color)
     for r in privacy["refused"]:
@@ -136,11 +217,92 @@ def plot_privacy(privacy: dict[str, Any], path: Path, target: float | None, budg
     plt.close(fig)
 
 
+def plot_sites(per_site: dict[str, list[dict[str, Any]]], path: Path, metric: str,
+               baselines: dict[str, Any] | None = None) -> None:
+    """The spread over sites of the global model's `metric` per round (the worst site in red),
+    beside the same spread for pooled and local-only models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = sorted({p["round"] for points in per_site.values() for p in points})
+    spreads = [[p[metric] for points in per_site.values() for p in points if p["round"] == r and metric in p]
+               for r in rounds]
+    labels = [str(r) for r in rounds]
+    for name in ("pooled", "local"):
+        if baselines and baselines.get(name):
+            spreads.append([s[metric] for s in baselines[name]["per-site"] if metric in s])
+            labels.append({"pooled": "pooled", "local": "local-only"}[name])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(labels) + 2), 3.6))
+    ax.boxplot(spreads, tick_labels=labels, showmeans=True)
+    worst = [min(v) if v else float("nan") for v in spreads]
+    ax.plot(range(1, len(rounds) + 1), worst[:len(rounds)], color="red", marker="v", label="worst site")
+    for i in range(len(rounds), len(labels)):
+        ax.plot(i + 1, worst[i], color="red", marker="v")
+    ax.set_xlabel("round (global model on each site's validation split) | baselines")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per site ({len(per_site)} sites)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """Federated vs pooled vs local-only, on the test split and on the sites' validation splits."""
+    shown = METRICS[results["config"].get("task", "classification")]
+    final, base = results["final"], results.get("baselines") or {}
+    has_test = any(final.get(f"test_{k}") is not None for k in shown)
+    head = f"{'':<22}" + "".join(f"{'test ' + k:>16}" for k in shown if has_test) + \
+        "".join(f"{'sites ' + k:>16}" for k in shown) + f"{'worst site':>12}{'ε':>8}"
+    lines = [head]
+
+    def cell(value: Any, width: int = 16) -> str:
+        return f"{value:>{width}.3f}" if isinstance(value, int | float) else f"{'-':>{width}}"
+
+    fed_worst = final.get("site_worst")
+    eps = final.get("epsilon_max")
+    lines.append(f"{'federated (' + results['config'].get('strategy', 'fedavg') + ')':<22}"
+                 + "".join(cell(final.get(f"test_{k}")) for k in shown if has_test)
+                 + "".join(cell(final.get(k)) for k in shown) + cell(fed_worst, 12) + cell(eps, 8))
+    for name, label in (("pooled", "pooled (centralized)"), ("local", "local-only (mean)")):
+        b = base.get(name)
+        if not b:
+            continue
+        worst = min((s[shown[0]] for s in b["per-site"] if shown[0] in s), default=None)
+        lines.append(f"{label:<22}"
+                     + "".join(cell((b.get("test") or {}).get(k)) for k in shown if has_test)
+                     + "".join(cell(b["sites"].get(k)) for k in shown) + cell(worst, 12)
+                     + cell(b.get("epsilon", b.get("epsilon-max")), 8))
+    return lines
+
+
+def summary_lines(results_path: Path) -> list[str]:
+    """What the CLI prints at the end: the comparison table, the final line, time and peak memory."""
+    results = json.loads(Path(results_path).read_text())
+    lines = []
+    if results.get("partition"):
+        p = results["partition"]
+        lines.append(f"sites: {p['scheme']} over {p['source']}; sizes {min(p['sizes'])}..{max(p['sizes'])}, "
+                     f"label skew {p['label-skew']:.2f}")
+    if results.get("baselines") or results["final"].get("site_worst") is not None:
+        lines += summary_table(results)
+    lines.append(final_line(results_path))
+    if results.get("memory"):
+        m = results["memory"]
+        lines.append(f"wall {results.get('seconds', 0):.0f}s | peak memory of the process tree: RSS "
+                     f"{m['peak-rss-mb']:.0f} MB (PSS {m['peak-pss-mb']:.0f} MB) over {m['peak-processes']} processes")
+    return lines
+
+
 def final_line(results_path: Path) -> str:
     results = json.loads(Path(results_path).read_text())
     final = results["final"]
     parts = ["final:"] + [f"{key} {value:.3f}" for key, value in final.items()
-                          if key not in ("loss", "epsilon_max") and value is not None]
+                          if not key.endswith("loss") and key not in ("epsilon_max", "site_median")
+                          and value is not None]
     if final.get("epsilon_max") is not None:
         parts.append(f"eps_max {final['epsilon_max']:.2f}")
     refused = results.get("privacy", {}).get("refused", [])
