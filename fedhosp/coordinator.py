@@ -129,39 +129,46 @@ def status_command(run_id: str) -> list[str]:
 
 def serve(opts: ServerOptions, echo: TextIO = sys.stdout) -> Path:
     """Run the whole federation; return the final model's path. Every started process is stopped."""
-    certs = ServerCerts.in_dir(opts.certs)
-    certs.check()
-    keys = site_keys(opts.sites)
-    nginx = fleet_proxy.find_nginx(opts.nginx)
-    host, port = parse_listen(opts.listen)
-    if not (opts.app / "pyproject.toml").is_file():
-        raise ConfigError(f"--app {opts.app}: no pyproject.toml; point it at the fedhosp source folder")
     if opts.resume and not (opts.out / "checkpoint-last.pt").is_file():
         raise ConfigError(f"--resume: no checkpoint-last.pt in {opts.out}; pass the stopped run's --out")
-    opts.flwr_home.mkdir(parents=True, exist_ok=True)
-    (opts.flwr_home / "config.toml").write_text(flwr_config(opts))
-    env = processes.flower_env(opts.flwr_home.resolve())
-    with processes.stopping_on_sigterm(), _children() as children:
-        superlink = processes.start("SuperLink", superlink_command(opts), opts.work / "superlink.log", env)
-        children.append(superlink)
-        processes.wait_for_tls(superlink, LOOPBACK, opts.control_port, certs.ca_cert, opts.start_timeout)
-        for name, key in keys.items():  # before hospitals can reach it: an unknown key is turned away for good
-            register(name, key, env)
-        config = opts.work / fleet_proxy.CONFIG
-        config.write_text(fleet_proxy.render(host, port, opts.control_port, ServerCerts.in_dir(opts.certs.resolve()),
-                                             opts.work.resolve()))
-        proxy = processes.start("nginx", fleet_proxy.command(nginx, config.resolve()), opts.work / "nginx.out", env)
-        children.append(proxy)
-        processes.wait_for_tls(proxy, LOOPBACK if host in ("0.0.0.0", "::") else host, port, certs.ca_cert,
-                               opts.start_timeout)
-        print(f"hospitals connect to {host}:{port} (Fleet API only); the Control API stays on "
-              f"{LOOPBACK}:{opts.control_port}", file=echo, flush=True)
+    with processes.stopping_on_sigterm(), coordinator_up(opts, echo) as (children, env):
         run_id = submit(opts, env, children, echo)
         status = run_status(run_id, env)
     if status.get("status") != "finished:completed":
         raise RunFailed(f"run {run_id} ended {status.get('status', 'in an unknown state')}"
                         f" ({status.get('status-details', '')}); the full stream is in {opts.work / 'run.log'}")
     return opts.out / "model.pt"
+
+
+@contextmanager
+def coordinator_up(opts: ServerOptions, echo: TextIO = sys.stdout) -> Iterator[tuple[list[processes.Child],
+                                                                                    dict[str, str]]]:
+    """SuperLink on loopback, the sites' keys registered, then nginx on the hospitals' address."""
+    certs = ServerCerts.in_dir(opts.certs.resolve())
+    certs.check()
+    keys = site_keys(opts.sites)
+    nginx = fleet_proxy.find_nginx(opts.nginx)
+    host, port = parse_listen(opts.listen)
+    if not (opts.app / "pyproject.toml").is_file():
+        raise ConfigError(f"--app {opts.app}: no pyproject.toml; point it at the fedhosp source folder")
+    opts.flwr_home.mkdir(parents=True, exist_ok=True)
+    (opts.flwr_home / "config.toml").write_text(flwr_config(opts))
+    env = processes.flower_env(opts.flwr_home.resolve())
+    with _children() as children:
+        superlink = processes.start("SuperLink", superlink_command(opts), opts.work / "superlink.log", env)
+        children.append(superlink)
+        processes.wait_for_tls(superlink, LOOPBACK, opts.control_port, certs.ca_cert, opts.start_timeout)
+        for name, key in keys.items():  # before hospitals can reach it: an unknown key is turned away for good
+            register(name, key, env)
+        config = opts.work / fleet_proxy.CONFIG
+        config.write_text(fleet_proxy.render(host, port, opts.control_port, certs, opts.work.resolve()))
+        proxy = processes.start("nginx", fleet_proxy.command(nginx, config.resolve()), opts.work / "nginx.out", env)
+        children.append(proxy)
+        processes.wait_for_tls(proxy, LOOPBACK if host in ("0.0.0.0", "::") else host, port, certs.ca_cert,
+                               opts.start_timeout)
+        print(f"hospitals connect to {host}:{port} (Fleet API only); the Control API stays on "
+              f"{LOOPBACK}:{opts.control_port}", file=echo, flush=True)
+        yield children, env
 
 
 def register(name: str, key: Path, env: Mapping[str, str]) -> None:
