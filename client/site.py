@@ -212,6 +212,9 @@ class Site:
         return reply
 
     def _scores(self, result: training.Evaluation) -> dict[str, Any]:
+        if result.num_examples == 0:  # an empty held-out split (a tiny site): the same keys, zero weight
+            keys = ("accuracy", "auc") if self.run.task == "classification" else ("dice", "iou")
+            result = training.Evaluation(0, 0.0, dict.fromkeys(keys, 0.0))
         scores: dict[str, Any] = {"loss": result.loss, **result.metrics}
         if self.run.task == "classification":
             # AUC is undefined on a single-class split: send 0 with zero weight
