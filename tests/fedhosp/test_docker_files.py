@@ -1,0 +1,72 @@
+"""docker/ checked statically (no Docker engine here): compose parses, its services run `fedhosp`
+commands our CLI accepts, with the flags the deployment test uses; files and secrets go where they should."""
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from fedhosp.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+HOSPITALS = [name for name in SERVICES if name.startswith("hosp-")]
+# the flags tests/fedhosp/test_deployment.py gives each command (besides ports and test-only timeouts)
+SERVER_FLAGS = {"--certs", "--sites", "--rounds", "--out", "--listen", "--min-sites", "--site-wait"}
+CLIENT_FLAGS = {"--server", "--ca", "--key", "--data", "--device"}
+
+
+def _args(service):
+    return build_parser().parse_args(SERVICES[service]["command"][1:])
+
+
+def _flags(service):
+    return {a for a in SERVICES[service]["command"] if a.startswith("--")}
+
+
+def test_every_dockerfile_referenced_exists_and_copies_existing_sources():
+    dockerfiles = {s["build"]["dockerfile"] for s in SERVICES.values() if "build" in s}
+    assert dockerfiles == {"docker/Dockerfile.server", "docker/Dockerfile.client"}
+    for name in dockerfiles:
+        text = (ROOT / name).read_text()
+        sources = [part for line in text.splitlines() if line.startswith("COPY ")
+                   for part in shlex.split(line)[1:-1]]
+        assert sources and all((ROOT / s).exists() for s in sources), sources
+        assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text and "FLWR_TELEMETRY_ENABLED=0" in text
+        assert re.search(r"^USER fedhosp$", text, re.M)  # not root at run time
+    assert "nginx" in (DOCKER / "Dockerfile.server").read_text()  # fedhosp server needs it in front of the SuperLink
+
+
+def test_services_run_the_commands_the_deployment_test_runs():
+    server = _args("server")
+    assert server.handler.__name__ == "cmd_server" and _flags("server") >= SERVER_FLAGS
+    host, port = server.listen.rsplit(":", 1)
+    assert SERVICES["server"]["ports"] == [f"{port}:{port}"]  # only the hospitals' (Fleet API) port is published
+    assert host == "0.0.0.0"
+    assert len(HOSPITALS) == 3
+    for name in HOSPITALS:
+        client = _args(name)
+        assert client.handler.__name__ == "cmd_client" and _flags(name) >= CLIENT_FLAGS
+        assert client.server == f"server:{port}"
+        assert "ports" not in SERVICES[name]  # a hospital opens nothing: its SuperNode dials out
+
+
+def test_provisioning_names_the_server_and_keeps_private_keys_at_their_site():
+    script = SERVICES["provision"]["command"][0]
+    commands = [line.strip() for line in script.splitlines() if line.strip().startswith("fedhosp ")]
+    for line in commands:
+        build_parser().parse_args(shlex.split(line.replace("$$i", "0"))[1:])
+    init = next(shlex.split(c) for c in commands if c.startswith("fedhosp certs init"))
+    assert "server" in init[init.index("--server-name") + 1].split(",")  # the name hospitals dial
+    mounts = {name: [v.split(":")[0] for v in SERVICES[name]["volumes"]] for name in SERVICES}
+    assert not any("certs" in mounts[h] for h in HOSPITALS)  # the CA and server keys stay off the sites
+    for name in HOSPITALS:
+        own = [m for m in mounts[name] if m.startswith("hosp-")]
+        assert own == [f"{name}-site", f"{name}-data"], own  # its own key and data, no one else's
+        assert _args(name).key.name == f"{name}.key"
+    assert not any(m.startswith("hosp-") for m in mounts["server"])  # public keys only, via `pubs`
+    declared = set(COMPOSE["volumes"])
+    assert all(m in declared for ms in mounts.values() for m in ms)
