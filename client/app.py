@@ -56,7 +56,7 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Mes
 @_guarded
 def train(msg: Message, context: Context) -> RecordDict:
     site, server_round = _site(msg, context)
-    run_id = str(context.run_id)
+    run_id = _run_name(site, context)
     control = msg.content.get(CONTROL)
     correction, own = scaffold_correction(site, run_id, control) if control is not None else (None, None)
     try:
@@ -98,11 +98,18 @@ def scaffold_step(site: Site, run_id: str, control: ArrayRecord, own: dict, star
 @_guarded
 def evaluate(msg: Message, context: Context) -> RecordDict:
     site, server_round = _site(msg, context)
-    metrics = site.evaluate(msg.content["arrays"], str(context.run_id))
+    metrics = site.evaluate(msg.content["arrays"], _run_name(site, context))
     _audit(site, context, "evaluate", server_round, {k: metrics[k] for k in AUDITED if k in metrics})
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 def _audit(site: Site, context: Context, event: str, server_round: int, values: dict) -> None:
     """The site's own record of what it did in which run (client/audit.py); it never leaves the site."""
+    if site.run.run_name and site.run.run_name != str(context.run_id):
+        values = {**values, "run-name": site.run.run_name}  # a resumed run: ε adds up under this name
     audit.record(Path(site.config.state_dir), str(context.run_id), context.node_id, event, server_round, values)
+
+
+def _run_name(site: Site, context: Context) -> str:
+    """The run's name in this site's ledger: the server's (kept across a resume), else Flower's run id."""
+    return site.run.run_name or str(context.run_id)

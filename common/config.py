@@ -69,6 +69,9 @@ class RunConfig:
     site_wait: float = _spec(300.0, _positive, "seconds > 0")
     # Continue a stopped run from checkpoint-last.pt in out-dir at the next round (server/resume.py).
     resume: bool = _spec(False)
+    # The run's name in the sites' privacy ledgers: set by the server to Flower's run id, and kept
+    # across --resume, so ε per run keeps adding up over the rounds before and after the restart.
+    run_name: str = _spec("")
     local_epochs: int = _spec(3, lambda v: v >= 1, "an integer >= 1")
     batch_size: int = _spec(64, lambda v: v >= 1, "an integer >= 1")
     learning_rate: float = _spec(0.05, _positive, "a number > 0")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +103,11 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
     grid = WaitingGrid(grid, cfg.min_available_sites, cfg.site_wait)
     log_path = out / runlog.RUN_LOG
     first = 1
+    cfg = replace(cfg, run_name=cfg.run_name or run_id)
     if cfg.resume:
         resumed = resume.restore(out, cfg, strategy)
         arrays, first = resumed.arrays, resumed.next_round
+        cfg = replace(cfg, run_name=resumed.run_name or cfg.run_name)
     else:
         runlog.start(log_path)
     log.info("run %s: %d rounds of %s on %s, DP %s", run_id, cfg.num_server_rounds, cfg.strategy,

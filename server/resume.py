@@ -37,6 +37,7 @@ SAME = ("task", "model", "image-size", "num-classes", "strategy", "client-dp")
 class Resumed:
     arrays: ArrayRecord
     next_round: int
+    run_name: str  # the stopped run's name in the sites' ledgers
 
 
 def save_strategy(out: Path, strategy: Strategy, server_round: int) -> None:
@@ -68,7 +69,7 @@ def restore(out: Path, cfg: RunConfig, strategy: Strategy) -> Resumed:
     for record in records:
         runlog.append(log_path, record)
     log.info("resuming after round %d of %d from %s", done, cfg.num_server_rounds, path)
-    return Resumed(ArrayRecord(torch_state_dict=saved["state_dict"]), done + 1)
+    return Resumed(ArrayRecord(torch_state_dict=saved["state_dict"]), done + 1, str(old.get("run-name", "")))
 
 
 def _load_strategy(out: Path, strategy: Strategy, done: int) -> None:

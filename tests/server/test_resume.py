@@ -35,6 +35,7 @@ class Grid:
     def __init__(self, nodes=(1, 2), stop_at_round=None):
         self.nodes, self.stop_at_round = list(nodes), stop_at_round
         self.sent: dict[int, dict[str, np.ndarray]] = {}  # round -> weights the sites received to train
+        self.names: dict[int, str] = {}  # round -> the run's name in the sites' ledgers
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -50,6 +51,7 @@ class Grid:
             arrays = m.content["arrays"]
             if kind.startswith("train"):
                 self.sent[server_round] = {k: v.numpy().copy() for k, v in arrays.items()}
+                self.names[server_round] = str(m.content["config"]["run-name"])
                 shifted = {k: torch.from_numpy(v.numpy() + 0.01 * node * server_round) for k, v in arrays.items()}
                 content = RecordDict({"arrays": ArrayRecord(torch_state_dict=shifted), "metrics": MetricRecord(
                     {"num-examples": 10 * node, "site-weight": 1, "train-loss": 0.5})})
@@ -88,6 +90,8 @@ def test_resume_continues_at_the_next_round_from_the_checkpointed_weights(tmp_pa
         assert torch.equal(final["state_dict"][key], reference["state_dict"][key])
     rounds = [r["round"] for r in _runlog(tmp_path / "resumed")]
     assert rounds == [1, 2, 3]
+    # the sites' ledgers see one run across the restart, so its ε keeps adding up
+    assert stopped.names == {1: "2", 2: "2"} and again.names == {3: "2"} and straight.names[3] == "1"
 
 
 def test_resume_refuses_a_finished_run_a_missing_checkpoint_and_other_settings(tmp_path):
