@@ -1,0 +1,141 @@
+"""End to end on 127.0.0.1: `fedhosp server` and three `fedhosp client`s over TLS with authenticated sites.
+
+One scenario, as a coordinator and three hospitals would live it: the server is stopped
+(SIGTERM, as `docker stop` does) after round 1; `--resume` continues at round 2 while one
+hospital's SuperNode is killed in the middle of round 2; the run still finishes round 3
+with the other two. Every Flower process started on the way is gone at the end.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.data.synthetic import write_hospitals
+from fedhosp import certs, processes
+from server import checkpoint, runlog
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+SITES = ("hosp-a", "hosp-b", "hosp-c")
+PHASE_TIMEOUT = 900  # seconds; a quiet 2-core machine needs about a tenth of it
+
+
+def _fedhosp(args, log, env):
+    return subprocess.Popen([sys.executable, "-m", "fedhosp.cli", *args], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+
+
+def _wait_for(path, text, proc=None, timeout=PHASE_TIMEOUT, count=1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text(errors="replace").count(text) >= count:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {text!r}:\n{path.read_text()[-3000:]}")
+        time.sleep(1)
+    raise AssertionError(f"no {text!r} within {timeout}s:\n{path.read_text()[-3000:]}")
+
+
+def _ours(marker):
+    """Live processes whose environment names this test's folder (FLWR_HOME): ours, whoever their parent."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes() and processes._running(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    env = {**os.environ, "FEDHOSP_TEST_MARKER": str(tmp_path)}
+    certs.init(tmp_path / "certs", ["localhost"])
+    (tmp_path / "pubs").mkdir()
+    for name in SITES:
+        keys = certs.site(name, tmp_path / name)
+        (tmp_path / "pubs" / f"{name}.pub").write_bytes(keys.public.read_bytes())
+    write_hospitals(tmp_path / "data", num_sites=3, seed=5, images_per_site=60)
+    started: list[subprocess.Popen] = []
+    yield tmp_path, env, started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _ours(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _ours(str(tmp_path)):
+        processes._signal(pid, signal.SIGKILL)
+    assert not _ours(str(tmp_path)), "Flower processes outlived the test"
+
+
+def test_three_hospitals_stop_resume_and_a_dropout(deployment):
+    base, env, started = deployment
+    fleet, control = processes.free_port(), processes.free_port()
+    server_args = ["server", "--certs", str(base / "certs"), "--sites", str(base / "pubs"), "--rounds", "3",
+                   "--out", str(base / "run"), "--listen", f"127.0.0.1:{fleet}", "--control-port", str(control),
+                   "--min-sites", "2", "--site-wait", "300", "--round-timeout", "300",
+                   "--run-config", "local-epochs=1 dp-target-epsilon=4.0"]
+    t0 = time.monotonic()
+    server = _fedhosp(server_args, base / "server-1.log", env)
+    started.append(server)
+    clients = {}
+    for i, name in enumerate(SITES):
+        clients[name] = _fedhosp(["client", "--server", f"127.0.0.1:{fleet}", "--ca", str(base / "certs" / "ca.crt"),
+                                  "--key", str(base / name / f"{name}.key"), "--data",
+                                  str(base / "data" / f"site-00{i}"), "--device", "cpu",
+                                  "--runtime-port", str(processes.free_port())], base / f"{name}.log", env)
+        started.append(clients[name])
+
+    # phase 1: round 1, then the coordinator is stopped
+    _wait_for(base / "server-1.log", "round 1/3 |", server)
+    t1 = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=120) != 0
+    first = checkpoint.load(base / "run" / checkpoint.LAST)
+    assert first["round"] == 1
+    log1 = (base / "server-1.log").read_text()
+    for command in ("$ flower-superlink ", "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                    "$ flwr supernode register ", "$ flwr run ", "nginx -c "):
+        assert command in log1, command
+
+    # phase 2: --resume; hosp-c's SuperNode dies in the middle of round 2
+    resumed = _fedhosp([*server_args, "--resume"], base / "server-2.log", env)
+    started.append(resumed)
+    _wait_for(base / "hosp-c.log", "Receiving: train message", count=2)  # round 2's train reached hosp-c
+    supernode = [p for p in processes.descendants(clients["hosp-c"].pid) if b"flower-supernode" in
+                 Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert supernode
+    os.kill(supernode[0], signal.SIGKILL)
+    assert resumed.wait(timeout=PHASE_TIMEOUT) == 0, (base / "server-2.log").read_text()[-3000:]
+    t2 = time.monotonic()
+    log2 = (base / "server-2.log").read_text()
+    assert "resuming after round 1 of 3" in log2
+    assert "round 2/3 |" in log2 and "round 3/3 |" in log2 and "round 1/3 |" not in log2
+    assert clients["hosp-c"].wait(timeout=60) != 0  # its SuperNode is gone: the client says so and exits
+
+    records = runlog.read(base / "run" / runlog.RUN_LOG)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert records[0]["sites_ok"] == 3
+    assert records[1]["sites_ok"] == 2  # hosp-c died in round 2: left out, not waited for forever
+    assert records[2]["sites_ok"] == 2
+    final = checkpoint.load(base / "run" / checkpoint.MODEL)
+    assert final["round"] == 3
+
+    for name, rounds in (("hosp-a", [[1], [2, 3]]), ("hosp-c", [[1]])):  # hosp-c: round 1, maybe not 2
+        lines = [json.loads(x) for x in (base / name / "state" / "audit.jsonl").read_text().splitlines()]
+        runs = {}
+        for line in lines:
+            if line["event"] == "train":
+                runs.setdefault(line["run-id"], []).append(line["round"])
+        assert list(runs.values())[:len(rounds)] == rounds, runs
+    print(f"\nphase 1 (start + round 1): {t1 - t0:.0f}s; phase 2 (restart + rounds 2-3 with a dropout): "
+          f"{t2 - t1:.0f}s")
