@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client import audit, local_state
 from client.site import Site, site_from_context
-from common import drift
+from common import drift, transport
 from common.config import RunConfig
 from common.errors import PrivacyBudgetExceeded
 from common.protocol import BUDGET_SPENT, STATUS
@@ -69,7 +69,8 @@ def train(msg: Message, context: Context) -> RecordDict:
             STATUS: BUDGET_SPENT, "epsilon-total": refusal.spent, "privacy-budget": refusal.budget,
             "epsilon-next": refusal.would_be,
         })})
-    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    sent = transport.encode(arrays, msg.content["arrays"], site.run.update_dtype)
+    reply = RecordDict({"arrays": sent, "metrics": MetricRecord(metrics)})
     _audit(site, context, "train", server_round, {k: metrics[k] for k in AUDITED if k in metrics})
     if control is not None:
         reply[DELTA] = scaffold_step(site, run_id, control, own, msg.content["arrays"], arrays, metrics["local-steps"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.transport import UPDATE_DTYPES
 
 TASKS = ("classification", "segmentation")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
@@ -93,6 +94,8 @@ class RunConfig:
     state_root: str = _spec("runs/demo/sites")
     out_dir: str = _spec("runs/demo")
     client_threads: int = _spec(1, lambda v: v >= 0, "an integer >= 0 (0: torch's default)")
+    # float16: sites send their update in half precision, half the bytes (common/transport.py).
+    update_dtype: str = _spec("float32", lambda v: v in UPDATE_DTYPES, " | ".join(UPDATE_DTYPES))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

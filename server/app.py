@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from common import privacy
+from common import privacy, transport
 from common.config import RunConfig
 from common.errors import FedhospError
 from common.logs import ensure_console
@@ -139,6 +139,8 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     result = RoundResult(server_round)
     config = ConfigRecord(cfg.to_mapping())
     replies = _send(grid, strategy.configure_train(server_round, arrays, config, grid), cfg)
+    if cfg.update_dtype != "float32":
+        _decode_updates(replies, arrays)
     refusals = [m for m in replies if not m.has_error() and STATUS in m.content]
     replies = [m for m in replies if m not in refusals]
     result.refused = [_refusal(m, server_round) for m in refusals]
@@ -180,6 +182,13 @@ def _like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
     if all(new[k].dtype == old[k].dtype for k in old):
         return new
     return ArrayRecord({k: Array(new[k].numpy().astype(old[k].numpy().dtype)) for k in old})
+
+
+def _decode_updates(replies: list[Message], base: ArrayRecord) -> None:
+    """Sites on float16 transport send updates: back to weights, in the model's dtypes, before anything else."""
+    for msg in replies:
+        if not msg.has_error() and "arrays" in msg.content:
+            msg.content["arrays"] = transport.decode(msg.content["arrays"], base)
 
 
 def _refusal(msg: Message, server_round: int) -> dict[str, Any]:
