@@ -105,6 +105,10 @@ def simulate(cfg: RunConfig, opts: SimulationOptions) -> dict[str, Any]:
         raise ConfigError(f"engine = {opts.engine!r} is not one of {' | '.join(ENGINES)}")
     extra: dict[str, Any] = {}
     test = None
+    if cfg.client_threads > 0:  # the server's test-split scoring and the baselines run here: same threads as sites
+        import torch
+
+        torch.set_num_threads(cfg.client_threads)
     _quiet_flower(opts.verbose)
     quiet_root(logging.WARNING if opts.verbose else logging.ERROR)
     with PeakMemory() as memory:
