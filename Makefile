@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# fedhosp server puts nginx in front of the SuperLink (Fleet API only); its tests need it too.
+	command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light) \
+		|| echo "warning: nginx is missing and could not be installed: fedhosp server and its tests need it"
 	touch $(STAMP)
 
 demo: $(STAMP)
