@@ -28,6 +28,7 @@ NODES = "nodes.json"  # simulation/grid.py: node id -> partition id
 METRICS = {"classification": ("accuracy", "auc"), "segmentation": ("dice", "iou")}
 SCORES = ("loss", "accuracy", "auc", "dice", "iou")
 LEGEND_SITES = 10  # beyond this many sites a legend hides the plot
+SHOWN_ROUNDS = 12  # sites.png: boxes for at most this many rounds
 COLUMNS = ("round", "loss", "accuracy", "auc", "dice", "iou", "test_loss", "test_accuracy", "test_auc", "test_dice",
            "test_iou", "site_worst", "site_median", "epsilon_max", "epsilon_total_max", "client_epsilon",
            "train_loss", "sites_ok", "sites_failed", "sites_refused", "seconds")
@@ -227,6 +228,8 @@ def plot_sites(per_site: dict[str, list[dict[str, Any]]], path: Path, metric: st
     import matplotlib.pyplot as plt
 
     rounds = sorted({p["round"] for points in per_site.values() for p in points})
+    if len(rounds) > SHOWN_ROUNDS:  # evenly spaced, always the first and the last
+        rounds = sorted({rounds[round(i * (len(rounds) - 1) / (SHOWN_ROUNDS - 1))] for i in range(SHOWN_ROUNDS)})
     spreads = [[p[metric] for points in per_site.values() for p in points if p["round"] == r and metric in p]
                for r in rounds]
     labels = [str(r) for r in rounds]

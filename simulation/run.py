@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def prepare_hospitals(cfg: RunConfig, opts: SimulationOptions) -> None:
     log.info("writing %d synthetic hospitals to %s ...", opts.sites, root)
     profiles = synthetic.site_profiles(opts.sites, opts.images_per_site, cfg.seed)
     folders = [root / site_name(p.index) for p in profiles]
-    _each_site(synthetic.write_site, [(f, p, cfg.seed) for f, p in zip(folders, profiles, strict=True)])
+    _each_site(synthetic.write_site, [(f, p, cfg.seed) for f, p in zip(folders, profiles, strict=True)],
+               "writing hospitals")
     marker.write_text(json.dumps(spec))
 
 
@@ -69,7 +71,7 @@ def preflight(cfg: RunConfig, sites: int) -> None:
     decode caches are warm when round 1 starts."""
     for pid in range(sites):
         sources.dicom_folder(cfg.site_data_path(pid), cfg.task)  # cheap checks first, for every site
-    _each_site(_decode_site, [(cfg, pid) for pid in range(sites)])
+    _each_site(_decode_site, [(cfg, pid) for pid in range(sites)], "decoding")
 
 
 def _decode_site(cfg: RunConfig, pid: int) -> None:
@@ -79,19 +81,29 @@ def _decode_site(cfg: RunConfig, pid: int) -> None:
 PARALLEL_FROM = 12  # sites; below this, starting worker processes (importing torch) costs more than it saves
 
 
-def _each_site(fn, jobs: list[tuple]) -> None:
-    """Per-site work on every core: 100 sites' DICOM writing and decoding is minutes on one."""
+def _each_site(fn, jobs: list[tuple], what: str) -> None:
+    """Per-site work on every core (100 sites' DICOM writing and decoding is minutes on one), with progress."""
     workers = min(os.cpu_count() or 1, len(jobs))
+    started, step = time.monotonic(), max(1, len(jobs) // 10)
+
+    def progress(done: int) -> None:
+        if len(jobs) >= PARALLEL_FROM and (done % step == 0 or done == len(jobs)):
+            elapsed = time.monotonic() - started
+            log.info("%s: %d/%d sites, %.0fs elapsed, eta %.0fs", what, done, len(jobs), elapsed,
+                     elapsed / done * (len(jobs) - done))
+
     if len(jobs) < PARALLEL_FROM or workers < 2:
-        for job in jobs:
+        for done, job in enumerate(jobs, 1):
             fn(*job)
+            progress(done)
         return
     import multiprocessing
 
     # spawn, not fork: the parent has torch's thread pools, which a forked child can deadlock on
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-        for future in [ex.submit(fn, *job) for job in jobs]:
+        for done, future in enumerate(as_completed([ex.submit(fn, *job) for job in jobs]), 1):
             future.result()  # the first failure stops the run with its own error
+            progress(done)
 
 
 def simulate(cfg: RunConfig, opts: SimulationOptions) -> dict[str, Any]:
