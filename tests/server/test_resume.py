@@ -16,15 +16,6 @@ from server.strategies import build_strategy
 from server.waiting import SitesUnavailable, WaitingGrid
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps messages with the running task's ids; outside an engine, give it one."""
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 class Stopped(Exception):
     """The coordinator going down mid-run."""
 

@@ -12,16 +12,6 @@ from common.protocol import BUDGET_SPENT, STATUS
 from server.app import BudgetsSpent, play_round
 from server.strategies import build_strategy
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps messages with the running task's ids; outside an engine, give it one."""
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 SHAPE = (200, 50)  # 10,000 coordinates: enough for a noise std estimate
 
 

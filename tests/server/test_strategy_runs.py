@@ -154,43 +154,38 @@ def test_scaffold_matches_the_published_algorithm_on_a_tiny_problem():
             ys.append(y)
         x, c = np.mean(ys, axis=0), c + np.mean(dcs, axis=0)
 
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        strategy = Scaffold(total_sites=2, min_available_nodes=2, min_train_nodes=2)
-        arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
-        site_c = [{"w": torch.zeros(2)}, {"w": torch.zeros(2)}]
+    strategy = Scaffold(total_sites=2, min_available_nodes=2, min_train_nodes=2)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    site_c = [{"w": torch.zeros(2)}, {"w": torch.zeros(2)}]
 
-        class Grid:
-            def get_node_ids(self):
-                return [1, 2]
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
 
-        for server_round in range(1, rounds + 1):
-            messages = sorted(strategy.configure_train(server_round, arrays, _config(), Grid()),
-                              key=lambda m: m.metadata.dst_node_id)
-            replies = []
-            for i, msg in enumerate(messages):
-                c_server = {"w": torch.from_numpy(msg.content["scaffold-c"]["w"].numpy().copy())}
-                w = torch.nn.Parameter(torch.from_numpy(msg.content["arrays"]["w"].numpy().copy()).double())
-                opt = DriftCorrectedSGD([w], lr=lr, correction=[(c_server["w"] - site_c[i]["w"]).double()])
-                start = w.detach().clone()
-                for _ in range(K):
-                    opt.zero_grad()
-                    (0.5 * ((w - torch.from_numpy(targets[i])) ** 2).sum()).backward()
-                    opt.step()
-                new, delta = scaffold_update([c_server["w"].double()], [site_c[i]["w"].double()], [start],
-                                             [w.detach()], opt.steps, lr)
-                site_c[i] = {"w": new[0]}
-                TaskIdentity.node_id = i + 1
-                replies.append(Message(RecordDict({
-                    "arrays": ArrayRecord({"w": Array(w.detach().numpy().astype(np.float32))}),
-                    "metrics": MetricRecord({"num-examples": 10}),
-                    "scaffold-delta-c": ArrayRecord({"w": Array(delta[0].numpy())}),
-                }), reply_to=msg))
-                TaskIdentity.node_id = 0
-            arrays, _ = strategy.aggregate_train(server_round, replies)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    for server_round in range(1, rounds + 1):
+        messages = sorted(strategy.configure_train(server_round, arrays, _config(), Grid()),
+                          key=lambda m: m.metadata.dst_node_id)
+        replies = []
+        for i, msg in enumerate(messages):
+            c_server = {"w": torch.from_numpy(msg.content["scaffold-c"]["w"].numpy().copy())}
+            w = torch.nn.Parameter(torch.from_numpy(msg.content["arrays"]["w"].numpy().copy()).double())
+            opt = DriftCorrectedSGD([w], lr=lr, correction=[(c_server["w"] - site_c[i]["w"]).double()])
+            start = w.detach().clone()
+            for _ in range(K):
+                opt.zero_grad()
+                (0.5 * ((w - torch.from_numpy(targets[i])) ** 2).sum()).backward()
+                opt.step()
+            new, delta = scaffold_update([c_server["w"].double()], [site_c[i]["w"].double()], [start],
+                                         [w.detach()], opt.steps, lr)
+            site_c[i] = {"w": new[0]}
+            TaskIdentity.node_id = i + 1
+            replies.append(Message(RecordDict({
+                "arrays": ArrayRecord({"w": Array(w.detach().numpy().astype(np.float32))}),
+                "metrics": MetricRecord({"num-examples": 10}),
+                "scaffold-delta-c": ArrayRecord({"w": Array(delta[0].numpy())}),
+            }), reply_to=msg))
+            TaskIdentity.node_id = 0
+        arrays, _ = strategy.aggregate_train(server_round, replies)
     assert np.allclose(arrays["w"].numpy(), x, atol=1e-5)
     assert np.allclose(strategy.control["w"], c, atol=1e-5)
     assert np.allclose(site_c[0]["w"].numpy(), ci[0], atol=1e-5)
