@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
+from common.models import grad_sample_mode
 
 ACCOUNTANT = "rdp"
 History = list[tuple[float, float, int]]  # Opacus: (noise_multiplier, sample_rate, steps)
@@ -86,7 +87,8 @@ def make_private(
     loader: DataLoader,
     dp: DPPlan,
 ) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, DataLoader]:
-    """Wrap once per round with a fresh accountant (the round's steps only); Poisson sampling on."""
+    """Wrap once per round with a fresh accountant (the round's steps only); Poisson sampling on;
+    per-sample gradients by the model's own grad-sample mode (common.models.grad_sample_mode)."""
     with warnings.catch_warnings():
         # Opacus warns on every engine that its cryptographically secure RNG is off.
         # Known and deliberate for now: see the note on secure_mode in README.md.
@@ -99,6 +101,7 @@ def make_private(
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
+            grad_sample_mode=grad_sample_mode(model),
         )
     return engine, module, optimizer, loader
 

@@ -24,6 +24,15 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
+# Opacus grad-sample mode when a model names none (`grad_sample_mode` class attribute): Opacus's own default.
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+
+
+def grad_sample_mode(model: nn.Module) -> str:
+    """How Opacus computes this model's per-sample gradients: the fastest mode that gives the same
+    clipped gradients as `hooks`, measured per model by `make bench` (bench/dp_overhead.py)."""
+    return getattr(model, "grad_sample_mode", DEFAULT_GRAD_SAMPLE_MODE)
+
 
 def build_model(
     task: str, name: str, in_channels: int = 1, num_classes: int = 2, image_size: int = 64

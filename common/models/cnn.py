@@ -36,6 +36,10 @@ def _block(c_in: int, c_out: int, stride: int, norm_layer: NormFactory) -> nn.Se
 class SmallCNN(nn.Module):
     """(width, stride) blocks, then [global average ; global max] -> linear."""
 
+    # Opacus per-sample gradients by torch's ExpandedWeights: the same clipped gradients as
+    # `hooks`, and the fastest mode for this model (bench/dp_overhead.py, `make bench`).
+    grad_sample_mode = "ew"
+
     def __init__(
         self,
         in_channels: int,
