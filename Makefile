@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 # Reinstall whenever pyproject.toml changes (the stamp is older than it).
 $(STAMP): pyproject.toml
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Every benchmark in bench/: one table, and bench/results.json. QUICK=1: a shorter, noisier pass.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(if $(QUICK),--quick)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -6,7 +6,7 @@ sites' training images (members) vs their held-out images (non-members) is 0.5 w
 model reveals nothing. Federated training is FedAvg over `client.site.Site.train`, the
 sites' real code path, averaged here in-process (no engine needed to measure the model).
 
-Usage: python bench/membership.py [--sites 3] [--images 120] [--rounds 10] [--epsilon 8]
+Usage: python bench/membership.py [--sites 3] [--images 120] [--rounds 10] [--epsilon 8] [--out FILE]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON here (make bench)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +83,8 @@ def main() -> None:
             print(f"{label:>14}: attack AUC {table[label]['attack_auc']:.3f} "
                   f"(loss members {table[label]['member_loss']:.3f} vs held-out {table[label]['non_member_loss']:.3f})")
     print(json.dumps(table, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":

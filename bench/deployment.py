@@ -1,0 +1,140 @@
+"""Deployment round / simulation round: `fedhosp server` + `fedhosp client`s vs Flower's simulation engine.
+
+The deployment is the real one on 127.0.0.1: a SuperLink with TLS and SuperNode
+authentication behind nginx, one `fedhosp client` (SuperNode) per site, our app submitted
+with `flwr run`. Then the same sites, data, settings and rounds run in Flower's simulation
+engine (Ray). Round times are the ServerApp's own (train + evaluate, as in the run log).
+In deployment Flower starts a fresh `flwr-clientapp` process for every message, which
+imports torch and our code again: the cost of that import, timed in a fresh interpreter,
+is reported beside the ratio because it bounds how close deployment can get.
+
+Usage: python -m bench.deployment [--sites 3] [--rounds 2] [--images 200] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import hospitals
+from bench.framework import simulated, steady
+from common.config import site_name
+from fedhosp import certs, processes
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 1200.0
+
+
+def _fedhosp(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **processes.FLOWER_ENV}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "fedhosp.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """SIGTERM (fedhosp stops its own Flower children on it), then SIGKILL whatever of its tree is left."""
+    tree = [proc.pid, *processes.descendants(proc.pid)]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    for pid in [*tree, *processes.descendants(proc.pid)]:
+        if processes._running(pid):
+            processes._signal(pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def deploy(root: Path, sites: int, rounds: int) -> dict[str, Any]:
+    """One federated run through `fedhosp server` and `sites` `fedhosp client`s; its round times."""
+    work = root / "deployment"
+    certs.init(work / "certs", ["localhost"])
+    (work / "pubs").mkdir(parents=True)
+    names = [f"hosp-{i}" for i in range(sites)]
+    for name in names:
+        keys = certs.site(name, work / name)
+        (work / "pubs" / f"{name}.pub").write_bytes(keys.public.read_bytes())
+    fleet, control = processes.free_port(), processes.free_port()
+    out = root / "runs" / "deployment"
+    started = time.monotonic()
+    server = _fedhosp(["server", "--certs", str(work / "certs"), "--sites", str(work / "pubs"),
+                       "--rounds", str(rounds), "--out", str(out), "--listen", f"127.0.0.1:{fleet}",
+                       "--control-port", str(control), "--min-sites", str(sites), "--site-wait", "900",
+                       "--round-timeout", "900"], work / "server.log")
+    clients = [
+        _fedhosp(["client", "--server", f"127.0.0.1:{fleet}", "--ca", str(work / "certs" / "ca.crt"),
+                  "--key", str(work / name / f"{name}.key"), "--data", str(root / "hospitals" / site_name(i)),
+                  "--state", str(root / "sites" / site_name(i)), "--device", "cpu",
+                  "--runtime-port", str(processes.free_port())], work / f"{name}.log")
+        for i, name in enumerate(names)
+    ]
+    try:
+        code = server.wait(timeout=TIMEOUT_S)
+        total = time.monotonic() - started
+    finally:
+        for proc in [server, *clients]:
+            _stop(proc)
+    if code != 0:
+        tail = (work / "server.log").read_text(errors="replace").splitlines()[-5:]
+        raise RuntimeError(f"fedhosp server exited {code}: {' | '.join(tail)}")
+    return {"total_s": total, "round_s": hospitals.round_seconds(out),
+            "accuracy": hospitals.final_metrics(out).get("accuracy")}
+
+
+def import_cost(repeats: int = 3) -> dict[str, float]:
+    """What every deployment message pays first: a fresh interpreter importing our ClientApp (torch,
+    Flower). Wall seconds, and CPU seconds (less sensitive to a loaded machine); medians."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+        subprocess.run([sys.executable, "-c", "import client.app"], cwd=ROOT, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall.append(time.monotonic() - started)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu)}
+
+
+def measure(root: Path, sites: int, rounds: int, images: int) -> dict[str, Any]:
+    cfg = hospitals.run_config(root, "simulation", sites, **{"num-server-rounds": rounds})
+    hospitals.prepare(cfg, sites, images)
+    deployed = deploy(root, sites, rounds)
+    simulation = simulated(cfg, sites, "ray")
+    return {"sites": sites, "rounds": rounds, "images_per_site": images, "deployment": deployed,
+            "simulation": simulation, "clientapp_import": import_cost(),
+            "round_over_simulation": statistics.median(deployed["round_s"]) / statistics.median(simulation["round_s"]),
+            "steady_round_over_simulation": steady(deployed["round_s"]) / steady(simulation["round_s"])}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=200, help="synthetic images per site")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(args.work or Path(tmp), args.sites, args.rounds, args.images)
+    d, s = result["deployment"], result["simulation"]
+    print(f"deployment rounds {[round(x, 1) for x in d['round_s']]} s, simulation {[round(x, 1) for x in s['round_s']]}"
+          f" s: {result['round_over_simulation']:.2f}x (steady {result['steady_round_over_simulation']:.2f}x); "
+          f"a fresh clientapp import costs {result['clientapp_import']['wall_s']:.1f}s "
+          f"({result['clientapp_import']['cpu_s']:.1f} CPU s)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
