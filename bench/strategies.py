@@ -5,8 +5,8 @@ Each cell is one federated run of the real ServerApp loop and ClientApp, in-proc
 per partition, with the same seed, rounds, local epochs and learning rate; accuracy
 is the final global model's on the pool's held-out test set (BreastMNIST: its official
 test split; synthetic: a fresh synthetic test set), the same images for every cell.
-No DP here, so the table shows the strategies, not the noise; local SGD has no
-momentum everywhere (SCAFFOLD's control variates assume plain SGD).
+No DP here, so the table shows the strategies, not the noise; local SGD has momentum
+0.9 except under SCAFFOLD, whose control variates assume plain SGD (momentum 0).
 
 Usage: python bench/strategies.py [--data PATH.npz] [--rounds 8] [--out bench/strategies.json]
 """
@@ -35,7 +35,7 @@ from simulation.virtual_sites import PartitionOptions
 STRATEGIES = {
     "fedavg": {}, "fedprox": {"proximal-mu": 0.01}, "fedadam": {"server-learning-rate": 0.01},
     "fedyogi": {"server-learning-rate": 0.01}, "fedadagrad": {"server-learning-rate": 0.01}, "fedmedian": {},
-    "fedtrimmedavg": {}, "krum": {"num-malicious-sites": 1}, "bulyan": {}, "scaffold": {},
+    "fedtrimmedavg": {}, "krum": {"num-malicious-sites": 1}, "bulyan": {}, "scaffold": {"momentum": 0.0},
 }
 PARTITIONS = {"iid": PartitionOptions("iid"), "dirichlet-0.5": PartitionOptions("dirichlet", 0.5),
               "dirichlet-0.1": PartitionOptions("dirichlet", 0.1)}
@@ -68,8 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="a MedMNIST .npz (default: a synthetic pool)")
     parser.add_argument("--images", type=int, default=2500, help="synthetic pool size")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=None, help="default: 28 for .npz, 32 synthetic")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", type=Path, default=Path("bench/strategies.json"))
@@ -78,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(2)
     size = args.image_size or (28 if args.data else 32)
     settings = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": 32,
-                "learning-rate": 0.05, "momentum": 0.0, "dp-enabled": False, "image-size": size,
+                "learning-rate": 0.05, "momentum": 0.9, "dp-enabled": False, "image-size": size,
                 "min-available-sites": SITES, "seed": 0, "val-fraction": 0.1}
     table: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
