@@ -30,13 +30,13 @@ SECTIONS: dict[str, tuple[list[str], list[str]]] = {
     "decoding": (["--images", "500", "--repeats", "5"], ["--images", "200", "--repeats", "3"]),
     "communication": (["--sites", "5", "--rounds", "8", "--images", "200", "--seeds", "0,1"],
                       ["--sites", "3", "--rounds", "4", "--images", "60", "--seeds", "0"]),
-    "membership": ([], ["--rounds", "5", "--images", "60"]),
+    "membership": ([], ["--rounds", "4", "--images", "60", "--local-epochs", "3"]),
     "framework": (["--sites", "10", "--rounds", "3", "--images", "200"],
                   ["--sites", "10", "--rounds", "3", "--images", "60"]),
     "deployment": (["--sites", "3", "--rounds", "2", "--images", "200"],
-                   ["--sites", "2", "--rounds", "2", "--images", "60"]),
+                   ["--sites", "2", "--rounds", "2", "--images", "60", "--import-repeats", "1"]),
     "scaling": (["--sizes", "10,50,100", "--rounds", "2", "--images", "40"],
-                ["--sizes", "10,50,100", "--rounds", "2", "--images", "20"]),
+                ["--sizes", "10,100", "--rounds", "2", "--images", "20"]),
 }
 TIMEOUT_S = 1800
 
