@@ -48,5 +48,5 @@ def test_integer_arrays_travel_unchanged():
 
 def test_the_setting_names_what_it_accepts():
     assert RunConfig.from_mapping({"update-dtype": "float16"}).update_dtype == "float16"
-    with pytest.raises(ConfigError, match="update-dtype.*float32 | float16"):
+    with pytest.raises(ConfigError, match=r"update-dtype.*float32 \| float16"):
         RunConfig.from_mapping({"update-dtype": "bfloat16"})
