@@ -180,7 +180,7 @@ def splits_pool(args: argparse.Namespace) -> bool:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulation import report
-    from simulation.run import SimulationOptions, simulate
+    from simulation.run import SimulationOptions, simulate, with_round_timeout
     from simulation.virtual_sites import PartitionOptions
 
     cfg = simulate_config(args)
@@ -197,6 +197,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         derive_site_secrets=not args.random_site_secrets,
         engine=args.engine,
     )
+    cfg = with_round_timeout(cfg, opts)
     dp = f"DP-SGD, target ε={cfg.dp_target_epsilon:g}, δ={cfg.dp_target_delta:g}" if cfg.dp_enabled else "no DP"
     log.info("fedhosp simulate: %d sites, %d rounds, %s with %s, %s", args.sites, cfg.num_server_rounds, cfg.task,
              cfg.model, dp)

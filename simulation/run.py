@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,24 @@ def simulate(cfg: RunConfig, opts: SimulationOptions) -> dict[str, Any]:
     extra["engine"] = {"kind": opts.engine, "cpus-per-site": opts.cpus_per_site,
                        "concurrent-sites": _concurrency(opts) if opts.engine == "ray" else 1}
     return extra
+
+
+SECONDS_PER_WAVE = 120  # a round's time budget per wave of concurrent sites (a 500-image DP site: ~3 s on a free core)
+
+
+def with_round_timeout(cfg: RunConfig, opts: SimulationOptions) -> RunConfig:
+    """The default round-timeout (meant for real sites answering in parallel) scaled to the sites the
+    engine trains one wave after another: 100 virtual sites on 2 cores are 50 waves, and a site that
+    misses the timeout drops out of the round. A round-timeout the user set is kept."""
+    if cfg.round_timeout != RunConfig().round_timeout:
+        return cfg
+    waves = math.ceil(opts.sites / _concurrency(opts))
+    needed = float(SECONDS_PER_WAVE * waves)
+    if needed <= cfg.round_timeout:
+        return cfg
+    log.info("round-timeout %gs for %d sites, %d at a time (set round-timeout to change it)", needed, opts.sites,
+             _concurrency(opts))
+    return replace(cfg, round_timeout=needed)
 
 
 def prepare_pool(cfg: RunConfig, opts: SimulationOptions) -> tuple[TestSet | None, dict[str, Any]]:

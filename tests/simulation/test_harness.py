@@ -154,3 +154,14 @@ def test_flower_engine_gives_the_same_metrics_as_in_process(cli_run, pool, tmp_p
     assert ray_run["engine"]["kind"] == "ray" and ray_run["memory"]["peak-processes"] > 2
     assert metrics(ray_run) == metrics(json.loads((cli_run[0] / "results.json").read_text()))
     assert not _ray_processes_of(tmpdir)
+
+
+def test_round_timeout_grows_with_the_waves_of_sites_unless_set():
+    from common.config import RunConfig
+    from simulation.run import SECONDS_PER_WAVE, with_round_timeout
+
+    many = SimulationOptions(sites=100, cpus_per_site=1.0)
+    scaled = with_round_timeout(RunConfig(), many)
+    assert scaled.round_timeout >= SECONDS_PER_WAVE * 100 / (os.cpu_count() or 1)
+    assert with_round_timeout(RunConfig(round_timeout=30.0), many).round_timeout == 30.0
+    assert with_round_timeout(RunConfig(), SimulationOptions(sites=2)).round_timeout == RunConfig().round_timeout
