@@ -9,7 +9,7 @@ final held-out metric of the same federated run (same sites, data, seed and site
 DP on as by default) with float32 and with float16 updates, over a few seeds; both runs
 go through the real ServerApp loop and ClientApp in this process (simulation/inprocess.py).
 
-Usage: python -m bench.communication [--sites 5] [--rounds 8] [--images 200] [--seeds 0,1] [--out FILE]
+Usage: python -m bench.communication [--sites 3] [--rounds 8] [--images 200] [--seeds 0,1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -79,14 +79,13 @@ def final(cfg: RunConfig, sites: int) -> dict[str, float]:
 
 
 def measure(root: Path, sites: int, rounds: int, images: int, seeds: list[int]) -> dict[str, Any]:
-    hospitals.prepare(hospitals.run_config(root, "prepare", sites), sites, images)
-    one_round = {dtype: bytes_per_round(hospitals.run_config(root, f"bytes-{dtype}", sites, **{
+    one_round = {dtype: bytes_per_round(hospitals.ready(root, f"bytes-{dtype}", sites, images, **{
         "num-server-rounds": 1, "update-dtype": dtype}), sites) for dtype in ("float32", "float16")}
     runs: dict[str, list[dict[str, float]]] = {"float32": [], "float16": []}
     for seed in seeds:
         for dtype in runs:
-            cfg = hospitals.run_config(root, f"quality-{dtype}-{seed}", sites,
-                                       **{"num-server-rounds": rounds, "update-dtype": dtype, "seed": seed})
+            cfg = hospitals.ready(root, f"quality-{dtype}-{seed}", sites, images,
+                                  **{"num-server-rounds": rounds, "update-dtype": dtype, "seed": seed})
             runs[dtype].append(final(cfg, sites))
     loss_points = {m: 100 * statistics.mean(a[m] - b[m] for a, b in zip(runs["float32"], runs["float16"], strict=True))
                    for m in runs["float32"][0] if m != "loss"}
@@ -98,7 +97,7 @@ def measure(root: Path, sites: int, rounds: int, images: int, seeds: list[int]) 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, default=5)
+    parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--images", type=int, default=200, help="synthetic images per site")
     parser.add_argument("--seeds", default="0,1")

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import hospitals
 from bench.framework import simulated, steady
-from common.config import site_name
+from common.config import RunConfig
 from fedhosp import certs, processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,8 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
     proc.wait(timeout=10)
 
 
-def deploy(root: Path, sites: int, rounds: int) -> dict[str, Any]:
-    """One federated run through `fedhosp server` and `sites` `fedhosp client`s; its round times."""
+def deploy(root: Path, cfg: RunConfig, sites: int) -> dict[str, Any]:
+    """`cfg`'s rounds through `fedhosp server` and `sites` `fedhosp client`s (its sites' folders); its round times."""
     work = root / "deployment"
     certs.init(work / "certs", ["localhost"])
     (work / "pubs").mkdir(parents=True)
@@ -66,16 +66,16 @@ def deploy(root: Path, sites: int, rounds: int) -> dict[str, Any]:
         keys = certs.site(name, work / name)
         (work / "pubs" / f"{name}.pub").write_bytes(keys.public.read_bytes())
     fleet, control = processes.free_port(), processes.free_port()
-    out = root / "runs" / "deployment"
+    out = Path(cfg.out_dir)
     started = time.monotonic()
     server = _fedhosp(["server", "--certs", str(work / "certs"), "--sites", str(work / "pubs"),
-                       "--rounds", str(rounds), "--out", str(out), "--listen", f"127.0.0.1:{fleet}",
+                       "--rounds", str(cfg.num_server_rounds), "--out", str(out), "--listen", f"127.0.0.1:{fleet}",
                        "--control-port", str(control), "--min-sites", str(sites), "--site-wait", "900",
                        "--round-timeout", "900"], work / "server.log")
     clients = [
         _fedhosp(["client", "--server", f"127.0.0.1:{fleet}", "--ca", str(work / "certs" / "ca.crt"),
-                  "--key", str(work / name / f"{name}.key"), "--data", str(root / "hospitals" / site_name(i)),
-                  "--state", str(root / "sites" / site_name(i)), "--device", "cpu",
+                  "--key", str(work / name / f"{name}.key"), "--data", str(cfg.site_data_path(i)),
+                  "--state", str(cfg.site_state_dir(i)), "--device", "cpu",
                   "--runtime-port", str(processes.free_port())], work / f"{name}.log")
         for i, name in enumerate(names)
     ]
@@ -106,9 +106,9 @@ def import_cost(repeats: int = 3) -> dict[str, float]:
 
 
 def measure(root: Path, sites: int, rounds: int, images: int, import_repeats: int) -> dict[str, Any]:
-    cfg = hospitals.run_config(root, "simulation", sites, **{"num-server-rounds": rounds})
-    hospitals.prepare(cfg, sites, images)
-    deployed = deploy(root, sites, rounds)
+    settings = {"num-server-rounds": rounds}
+    deployed = deploy(root, hospitals.ready(root, "deployment", sites, images, **settings), sites)
+    cfg = hospitals.ready(root, "simulation", sites, images, **settings)
     simulation = simulated(cfg, sites, "ray")
     return {"sites": sites, "rounds": rounds, "images_per_site": images, "deployment": deployed,
             "simulation": simulation, "clientapp_import": import_cost(import_repeats),

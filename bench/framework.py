@@ -34,6 +34,8 @@ from common.models import build_model
 from common.weights import to_record
 from simulation.run import SimulationOptions, simulate
 
+ENGINES = ("inprocess", "ray")  # Ray last: its shutdown must not overlap another run
+
 
 def fedavg(updates: list[tuple[ArrayRecord, dict[str, Any]]]) -> ArrayRecord:
     total = sum(m["num-examples"] for _, m in updates)
@@ -72,15 +74,14 @@ def steady(rounds: list[float]) -> float:
 
 def measure(root: Path, sites: int, rounds: int, images: int) -> dict[str, Any]:
     settings = {"num-server-rounds": rounds}
-    base = hospitals.run_config(root, "prepare", sites, **settings)
-    hospitals.prepare(base, sites, images)
-    runs = {"sequential": sequential(hospitals.run_config(root, "sequential", sites, **settings), sites)}
-    for engine in ("ray", "inprocess"):
-        runs[engine] = simulated(hospitals.run_config(root, engine, sites, **settings), sites, engine)
+    configs = {name: hospitals.ready(root, name, sites, images, **settings) for name in ("sequential", *ENGINES)}
+    runs = {"sequential": sequential(configs["sequential"], sites)}
+    for engine in ENGINES:
+        runs[engine] = simulated(configs[engine], sites, engine)
     seq = runs["sequential"]
     ratios = {engine: {"steady_state": steady(runs[engine]["round_s"]) / steady(seq["round_s"]),
-                       "with_startup": runs[engine]["total_s"] / seq["total_s"]} for engine in ("ray", "inprocess")}
-    return {"sites": sites, "rounds": rounds, "images_per_site": images, "settings": base.to_mapping(),
+                       "with_startup": runs[engine]["total_s"] / seq["total_s"]} for engine in ENGINES}
+    return {"sites": sites, "rounds": rounds, "images_per_site": images, "settings": configs["sequential"].to_mapping(),
             "runs": runs, "over_sequential": ratios}
 
 

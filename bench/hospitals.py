@@ -2,7 +2,7 @@
 
 Each benchmark compares engines on the same sites and data, so the folders (and the sites'
 decode caches, kept in their state folders) are made before any clock starts: writing
-DICOM files and decoding them is measured by bench/decode.py, not counted as engine time.
+DICOM files and decoding them is measured by bench/decoding.py, not counted as engine time.
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ from server import runlog
 from simulation.run import SimulationOptions, preflight, prepare_hospitals
 
 
-def run_config(root: Path, name: str, sites: int, **settings: Any) -> RunConfig:
-    """The run's defaults (pyproject) over `sites` sites under `root`, with `settings` (kebab-case) on top."""
-    return RunConfig.from_mapping({
-        "data-root": str(root / "hospitals"), "state-root": str(root / "sites"), "out-dir": str(root / "runs" / name),
-        "min-available-sites": sites, **settings,
+def ready(root: Path, name: str, sites: int, images_per_site: int, written: int | None = None,
+          **settings: Any) -> RunConfig:
+    """Run `name`'s config (the run defaults, `settings` in kebab-case on top) over the first `sites` of the
+    `written` (default: `sites`) synthetic hospitals under `root`, written once and shared by every run. The run
+    gets its own site state folders, decode caches filled: a site's ledger holds every run on its data, and ε
+    over it costs more with every entry, so runs sharing state would slow each other down."""
+    cfg = RunConfig.from_mapping({
+        "data-root": str(root / "hospitals"), "state-root": str(root / "state" / name),
+        "out-dir": str(root / "runs" / name), "min-available-sites": sites, **settings,
     })
-
-
-def prepare(cfg: RunConfig, sites: int, images_per_site: int) -> None:
-    """Write the synthetic hospitals (unless there already) and fill every site's decode cache."""
-    prepare_hospitals(cfg, SimulationOptions(sites, images_per_site=images_per_site))
+    prepare_hospitals(cfg, SimulationOptions(written or sites, images_per_site=images_per_site))
     preflight(cfg, sites)
+    return cfg
 
 
 def round_seconds(out_dir: Path | str) -> list[float]:

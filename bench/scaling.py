@@ -26,8 +26,8 @@ from bench.framework import simulated, steady
 GIB = 1024.0
 
 
-def one(root: Path, sites: int, rounds: int) -> dict[str, Any]:
-    cfg = hospitals.run_config(root, f"sites-{sites}", sites, **{"num-server-rounds": rounds})
+def one(root: Path, sites: int, rounds: int, images: int, written: int) -> dict[str, Any]:
+    cfg = hospitals.ready(root, f"sites-{sites}", sites, images, written, **{"num-server-rounds": rounds})
     run = simulated(cfg, sites, "ray")
     memory = run.pop("memory") or {}
     return {"sites": sites, **run, "steady_round_s": steady(run["round_s"]),
@@ -36,13 +36,12 @@ def one(root: Path, sites: int, rounds: int) -> dict[str, Any]:
 
 
 def measure(root: Path, sizes: list[int], rounds: int, images: int) -> dict[str, Any]:
-    cfg = hospitals.run_config(root, "prepare", max(sizes))
-    hospitals.prepare(cfg, max(sizes), images)
     runs = []
     for sites in sizes:
         out = root / f"scaling-{sites}.json"
         subprocess.run([sys.executable, "-m", "bench.scaling", "--one", str(sites), "--work", str(root),
-                        "--rounds", str(rounds), "--out", str(out)], check=True)
+                        "--rounds", str(rounds), "--images", str(images), "--written", str(max(sizes)),
+                        "--out", str(out)], check=True)
         runs.append(json.loads(out.read_text()))
     return {"rounds": rounds, "images_per_site": images, "runs": runs}
 
@@ -54,10 +53,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--images", type=int, default=40, help="synthetic images per site")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # one size, in this process
+    parser.add_argument("--written", type=int, default=None, help=argparse.SUPPRESS)  # hospitals under --work
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.one is not None:
-        result = one(args.work, args.one, args.rounds)
+        result = one(args.work, args.one, args.rounds, args.images, args.written or args.one)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = measure(args.work or Path(tmp), [int(s) for s in args.sizes.split(",")], args.rounds,
