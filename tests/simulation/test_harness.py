@@ -5,11 +5,15 @@ In-process (no Ray): the same ServerApp loop and ClientApp; the engine is not th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -143,17 +147,24 @@ def _ray_processes_of(tmpdir) -> list[int]:
 @pytest.mark.slow
 def test_flower_engine_gives_the_same_metrics_as_in_process(cli_run, pool, tmp_path):
     """Random node ids, unseeded sampling and reply order under Ray change nothing: same seed, same numbers."""
-    out, tmpdir = tmp_path / "ray", tmp_path / "raytmp"
-    tmpdir.mkdir()
+    out = tmp_path / "ray"
+    tmpdir = Path(tempfile.mkdtemp(prefix="fhray", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
     args = [a if a != "inprocess" else "ray" for a in ARGS]
     env = {**os.environ, "RAY_TMPDIR": str(tmpdir)}
-    proc = subprocess.run([sys.executable, "-m", "fedhosp", *args, "--data", str(pool), "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fedhosp", *args, "--data", str(pool), "--out", str(out)],
+                              capture_output=True, text=True, timeout=900, env=env)
+        left = _ray_processes_of(tmpdir)
+    finally:
+        for pid in _ray_processes_of(tmpdir):  # a timed-out run must not leave its cluster behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not left
     ray_run = json.loads((out / "results.json").read_text())
     assert ray_run["engine"]["kind"] == "ray" and ray_run["memory"]["peak-processes"] > 2
     assert metrics(ray_run) == metrics(json.loads((cli_run[0] / "results.json").read_text()))
-    assert not _ray_processes_of(tmpdir)
 
 
 def test_round_timeout_grows_with_the_waves_of_sites_unless_set():
