@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,13 @@ def _ray_processes_of(tmpdir) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return str(pid)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_flower_engine_gives_the_same_metrics_as_in_process(cli_run, pool, tmp_path):
@@ -154,14 +162,17 @@ def test_flower_engine_gives_the_same_metrics_as_in_process(cli_run, pool, tmp_p
     try:
         proc = subprocess.run([sys.executable, "-m", "fedhosp", *args, "--data", str(pool), "--out", str(out)],
                               capture_output=True, text=True, timeout=900, env=env)
-        left = _ray_processes_of(tmpdir)
+        deadline = time.monotonic() + 20  # ray.shutdown() returns before its workers have exited
+        while (left := _ray_processes_of(tmpdir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [_cmdline(pid) for pid in left]
     finally:
         for pid in _ray_processes_of(tmpdir):  # a timed-out run must not leave its cluster behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmpdir, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not left
+    assert not left, left
     ray_run = json.loads((out / "results.json").read_text())
     assert ray_run["engine"]["kind"] == "ray" and ray_run["memory"]["peak-processes"] > 2
     assert metrics(ray_run) == metrics(json.loads((cli_run[0] / "results.json").read_text()))
