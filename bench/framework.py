@@ -1,11 +1,12 @@
 """Framework overhead: a simulated federated run / the same local work done without Flower.
 
 The baseline is what the sites would do if no framework stood between them: in one process,
-one site after another, every site runs `Site.train` (the real DP training path), the weights
-are averaged by example count, and every site runs `Site.evaluate`. The simulation runs the
-same ServerApp and ClientApp through Flower's engine (Ray, one core per virtual site, so two
-sites train at a time on two cores), and, for reference, through simulation/inprocess.py
-(Flower's messages, no Ray). Same sites, data, seed and settings; decode caches warm for all.
+one site after another, every site runs `Site.train` (the real DP training path, privacy
+accounting included), the weights are averaged by example count, and every site runs
+`Site.evaluate`. The simulation runs the same ServerApp and ClientApp through Flower's
+engine (Ray, one core per virtual site, so two sites train at a time on two cores), and, for
+reference, through simulation/inprocess.py (Flower's messages, no Ray). Same sites, data,
+seed, DP noise and settings; decode caches on disk warm for all, nothing cached in memory.
 
 Steady state: median round time over rounds 2.. (round 1 pays Ray's workers importing torch
 and loading their sites' data). Including start-up: the whole run's wall time, engine start
@@ -27,14 +28,25 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+import client.site
 from bench import hospitals
 from client.site import site_from_context
+from common import privacy
 from common.config import RunConfig
+from common.data import digests
 from common.models import build_model
 from common.weights import to_record
 from simulation.run import SimulationOptions, simulate
 
 ENGINES = ("inprocess", "ray")  # Ray last: its shutdown must not overlap another run
+
+
+def cold_start() -> None:
+    """Forget what this process has cached (DP noise plans, file digests, decoded sites), so every run starts
+    as a fresh process does; Ray's workers are fresh processes, and whichever run came first would pay alone."""
+    privacy._noise_multiplier.cache_clear()
+    digests.forget()
+    client.site._MEMO.clear()
 
 
 def fedavg(updates: list[tuple[ArrayRecord, dict[str, Any]]]) -> ArrayRecord:
@@ -75,8 +87,10 @@ def steady(rounds: list[float]) -> float:
 def measure(root: Path, sites: int, rounds: int, images: int) -> dict[str, Any]:
     settings = {"num-server-rounds": rounds}
     configs = {name: hospitals.ready(root, name, sites, images, **settings) for name in ("sequential", *ENGINES)}
+    cold_start()
     runs = {"sequential": sequential(configs["sequential"], sites)}
     for engine in ENGINES:
+        cold_start()
         runs[engine] = simulated(configs[engine], sites, engine)
     seq = runs["sequential"]
     ratios = {engine: {"steady_state": steady(runs[engine]["round_s"]) / steady(seq["round_s"]),

@@ -12,6 +12,7 @@ from typing import Any
 
 from common.config import RunConfig
 from server import runlog
+from simulation import site_secrets
 from simulation.run import SimulationOptions, preflight, prepare_hospitals
 
 
@@ -27,6 +28,8 @@ def ready(root: Path, name: str, sites: int, images_per_site: int, written: int 
     })
     prepare_hospitals(cfg, SimulationOptions(written or sites, images_per_site=images_per_site))
     preflight(cfg, sites)
+    if cfg.dp_enabled:  # DP noise from the seed, as in `fedhosp simulate`: runs that differ in one setting pair up
+        site_secrets.write(cfg, sites)
     return cfg
 
 
