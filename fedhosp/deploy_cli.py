@@ -70,6 +70,9 @@ def add_deploy_commands(sub: Any) -> None:
                         help=f"the SuperNode's local Runtime API port on 127.0.0.1 (default {DEFAULT_RUNTIME_PORT})")
     client.add_argument("--max-wait", type=float, default=None,
                         help="give up after this many seconds without the server (default: keep trying)")
+    client.add_argument("--stock-clientapp", action="store_true",
+                        help="start Flower's own flwr-clientapp for every task (a fresh interpreter importing torch "
+                             "each time: ~10 s a message) instead of forking it from one that imported them once")
     client.set_defaults(handler=cmd_client)
 
     audit = sub.add_parser("audit", help="a site's audit trail: every run it joined")
@@ -128,6 +131,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         hospital.join(hospital.ClientOptions(
             server=args.server, ca=args.ca, key=args.key, data=args.data, state=args.state, device=args.device,
             privacy_budget=args.privacy_budget, runtime_port=args.runtime_port, max_wait=args.max_wait,
+            warm=not args.stock_clientapp,
         ))
     finally:
         processes.stop_strays()

@@ -12,11 +12,13 @@ a plaintext server is reported in one line instead of as endless reconnects.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from typing import TextIO
 
 from common.config import DEVICES
 from common.errors import ConfigError, FedhospError
-from fedhosp import processes
+from fedhosp import processes, warm_clientapp
 
 REFUSED_KEY = "Failed to activate SuperNode"  # Flower's words when the SuperLink does not know the key
 
@@ -45,6 +47,7 @@ class ClientOptions:
     privacy_budget: float = 0.0
     runtime_port: int = 9094  # the SuperNode's own Runtime API, on 127.0.0.1
     max_wait: float | None = None  # stop trying to reach the server after this many seconds (None: never)
+    warm: bool = True  # tasks forked from a process that imported torch & co. once (fedhosp/warm_clientapp.py)
 
     @property
     def state_dir(self) -> Path:
@@ -116,36 +119,55 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
         print(f"{opts.server} does not answer yet; the SuperNode keeps trying", file=echo, flush=True)
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     home = opts.state_dir / "flwr-home"
-    env = processes.flower_env(home.resolve())
-    cmd = supernode_command(opts)
-    processes.show(cmd)
     log_path = opts.state_dir / "supernode.log"
-    with processes.stopping_on_sigterm(), open(log_path, "a") as full:
-        popen = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
-        child = processes.Child("SuperNode", popen, log_path)
-        lines: list[str] = []
-        pump = threading.Thread(target=_pump, args=(popen, full, echo, lines), daemon=True)
-        pump.start()
+    lines: list[str] = []
+    pumps: list[threading.Thread] = []
+    with processes.stopping_on_sigterm(), open(log_path, "a") as full, \
+            tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:  # 0700; a short UNIX socket path
+        env = processes.flower_env(home.resolve())
+        children: list[processes.Child] = []
+        if opts.warm:
+            socket_path = Path(warm_dir) / warm_clientapp.SOCKET_NAME
+            warm_clientapp.write_shim(Path(warm_dir), socket_path)
+            env["PATH"] = warm_dir + os.pathsep + env["PATH"]
+            children.append(_start("clientapp zygote", warm_clientapp.command(socket_path), env, log_path, full,
+                                   echo, lines, pumps))
+        cmd = supernode_command(opts)
+        processes.show(cmd)
+        supernode = _start("SuperNode", cmd, env, log_path, full, echo, lines, pumps)
+        children.append(supernode)
         try:
             # Wait for the SuperNode itself, not for end of output: its SuperExec inherits the pipe
             # and may outlive it. Track its children while it lives, to stop them all afterwards.
-            while popen.poll() is None:
-                child.refresh()
+            while supernode.alive():
+                for child in children:
+                    child.refresh()
                 time.sleep(0.2)
         finally:
-            processes.stop(child)
-        pump.join(timeout=2)
+            for child in reversed(children):
+                processes.stop(child)
+        for pump in pumps:
+            pump.join(timeout=2)
     refused = any(REFUSED_KEY in line for line in lines)
     if refused:
         raise SiteRefused(f"the coordinator refused this site's key ({opts.key.name}): it is not registered; send "
                           f"{opts.key.with_suffix('.pub').name} to the coordinator (fedhosp server --sites)")
-    if popen.returncode not in (0, None, -2, 130):
-        raise SiteRefused(f"the SuperNode stopped with status {popen.returncode}; see {log_path}")
+    if supernode.popen.returncode not in (0, None, -2, 130):
+        raise SiteRefused(f"the SuperNode stopped with status {supernode.popen.returncode}; see {log_path}")
+
+
+def _start(name: str, cmd: list[str], env: dict[str, str], log_path: Path, full: TextIO, echo: TextIO,
+           lines: list[str], pumps: list[threading.Thread]) -> processes.Child:
+    """Start one of the site's processes with its output copied to the site's log and the console."""
+    popen = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    pumps.append(threading.Thread(target=_pump, args=(popen, full, echo, lines), daemon=True))
+    pumps[-1].start()
+    return processes.Child(name, popen, log_path)
 
 
 def _pump(popen: subprocess.Popen[str], full: TextIO, echo: TextIO, lines: list[str]) -> None:
-    """Copy the SuperNode's output to its log and the console; keep the lines for the verdict."""
+    """Copy a process's output to the site's log and the console; keep the lines for the verdict."""
     assert popen.stdout is not None
     for line in popen.stdout:
         full.write(line)

@@ -1,0 +1,75 @@
+"""The warm clientapp zygote: a forked task is the process the stock command would have been."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedhosp import warm_clientapp
+
+ROOT = Path(__file__).resolve().parents[2]
+ZYGOTE = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+          "from fedhosp import warm_clientapp as w; w.preload(['numpy', 'fedhosp.warm_clientapp']); "
+          "w.serve(Path(sys.argv[1]), entry='tests.fedhosp.warm_task:main')")
+
+
+@pytest.fixture
+def zygote(tmp_path):
+    sock = Path(f"/tmp/fedhosp-test-{os.getpid()}-{time.monotonic_ns()}.sock")
+    proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(sock)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the zygote did not start"
+        time.sleep(0.05)
+    shim = warm_clientapp.write_shim(tmp_path / "bin", sock)
+    yield proc, shim, sock
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    assert not sock.exists()  # the zygote removes its socket on the way out
+
+
+def run_shim(shim, tmp_path, *args, **kwargs):
+    env = {**os.environ, "WARM_OUT": str(tmp_path / "tasks.jsonl"), "WARM_MARK": "site-env"}
+    (tmp_path / "cwd").mkdir(exist_ok=True)
+    return subprocess.Popen([str(shim), *args], env=env, cwd=tmp_path / "cwd", **kwargs)
+
+
+def reports(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
+
+
+def test_each_task_is_a_fresh_fork_with_the_shims_argv_env_cwd_and_exit_status(zygote, tmp_path):
+    proc, shim, _ = zygote
+    codes = [run_shim(shim, tmp_path, "--token", "abc", "--exit", str(code)).wait(timeout=60) for code in (0, 3)]
+    assert codes == [0, 3]
+    first, second = reports(tmp_path)
+    assert first["argv"] == ["--token", "abc", "--exit", "0"] and first["env"] == "site-env"
+    assert first["cwd"] == str(tmp_path / "cwd")
+    assert first["numpy_preloaded"]  # the library came from the zygote...
+    assert not first["zygote_module_loaded"]  # ...our own modules did not: a task imports them itself
+    assert len({first["pid"], second["pid"], proc.pid}) == 3
+    assert first["draw"] != second["draw"]  # numpy's global generator reseeded, as in a new interpreter
+
+
+def test_a_signal_to_the_shim_reaches_the_task(zygote, tmp_path):
+    _, shim, _ = zygote
+    task = run_shim(shim, tmp_path, "--sleep", "60")
+    while not (tmp_path / "tasks.jsonl").exists():
+        time.sleep(0.05)
+    task.send_signal(signal.SIGTERM)
+    assert task.wait(timeout=30) == 128 + signal.SIGTERM
+
+
+def test_without_a_zygote_the_shim_runs_the_stock_command(tmp_path):
+    stock = tmp_path / "stock"
+    stock.write_text("#!/bin/sh\necho stock \"$@\"\nexit 7\n")
+    stock.chmod(0o755)
+    shim = warm_clientapp.write_shim(tmp_path / "bin", tmp_path / "nobody.sock", stock=stock)
+    task = run_shim(shim, tmp_path, "--token", "abc", stdout=subprocess.PIPE, text=True)
+    out, _ = task.communicate(timeout=30)
+    assert (task.returncode, out.strip()) == (7, "stock --token abc")
