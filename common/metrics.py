@@ -1,4 +1,9 @@
-"""Metrics from well-kept libraries: scikit-learn for classification, torchmetrics for segmentation."""
+"""Metrics from well-kept libraries: scikit-learn for classification, torchmetrics for segmentation.
+
+Both are imported where they are used: together they cost ~4 s and ~150 MB at import (torchmetrics
+pulls in torchvision and matplotlib), which every process importing the site's code paid before it
+needed either (the CLI, each Ray worker; a classification site never needs torchmetrics' Dice).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn import exceptions as skm_exceptions
-from sklearn import metrics as skm
-from sklearn.metrics import roc_auc_score
-from torchmetrics.functional.classification import (
-    binary_calibration_error,
-    multiclass_calibration_error,
-    multiclass_jaccard_index,
-)
-from torchmetrics.functional.segmentation import dice_score, hausdorff_distance
 
 ECE_BINS = 15
 
@@ -27,6 +23,8 @@ def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     """One-vs-rest ROC AUC; None when the labels hold a single class (AUC is undefined)."""
+    from sklearn.metrics import roc_auc_score
+
     present = np.unique(labels)
     if len(present) < 2:
         return None
@@ -43,6 +41,9 @@ def segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> 
     Pooled over pixels rather than averaged per image: an image with no lesion and
     no prediction has no defined Dice, and pooling weights each pixel once.
     """
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+    from torchmetrics.functional.segmentation import dice_score
+
     dice = dice_score(pred, target, num_classes=num_classes, include_background=False, average="macro",
                       input_format="index", aggregation_level="global")
     iou = multiclass_jaccard_index(pred, target, num_classes=num_classes, average="none")[1:].mean()
@@ -56,6 +57,8 @@ def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, An
     is class 0's recall. More classes: each is the unweighted mean over classes (macro).
     An undefined value (no positive case, no positive prediction) is None, never 0.
     """
+    from sklearn import exceptions as skm_exceptions
+
     num_classes = probs.shape[1]
     pred = probs.argmax(axis=1)
     classes = list(range(num_classes))
@@ -72,6 +75,8 @@ def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, An
 
 def _classification(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, classes: list[int],
                     avg: dict[str, Any]) -> dict[str, Any]:
+    from sklearn import metrics as skm
+
     return {
         "images": len(labels),
         "accuracy": skm.accuracy_score(labels, pred),
@@ -89,6 +94,8 @@ def _classification(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, cla
 
 def _specificity(labels: np.ndarray, pred: np.ndarray, classes: list[int]) -> float:
     """TN / (TN + FP): class 0's recall for two classes, else the mean of each class's one-vs-rest value."""
+    from sklearn import metrics as skm
+
     if len(classes) == 2:
         return skm.recall_score(labels, pred, pos_label=0, average="binary", zero_division=np.nan)
     per_class = skm.multilabel_confusion_matrix(labels, pred, labels=classes)  # [[tn, fp], [fn, tp]]
@@ -102,6 +109,8 @@ def calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_B
     Two classes: of the predicted probability of class 1 against the truth (the reliability
     diagram's ECE); more classes: of the top class's confidence against being right.
     """
+    from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
+
     p, t = torch.from_numpy(np.asarray(probs, dtype=np.float64)), torch.from_numpy(np.asarray(labels))
     if probs.shape[1] == 2:
         return float(binary_calibration_error(p[:, 1].contiguous(), t, n_bins=n_bins))
@@ -114,6 +123,8 @@ def hausdorff(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dic
     It is only defined where both the prediction and the truth hold the class: the other
     images are counted instead (`hausdorff-undefined`: a lesion missed or a false alarm).
     """
+    from torchmetrics.functional.segmentation import hausdorff_distance
+
     distances, undefined = [], 0
     for p, t in zip(pred, target, strict=True):
         for c in range(1, num_classes):

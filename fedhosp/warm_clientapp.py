@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 OURS = frozenset({"client", "common", "server", "simulation", "fedhosp", "bench", "tests"})
-PRELOAD = ("client.app", "flwr.supernode.cli.flwr_clientapp")  # pulls torch, Opacus, torchmetrics, Flower
+# What a task imports: Flower's entry point, our app (torch, Opacus, pydicom), the metrics' libraries.
+PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "client.app", "sklearn.metrics",
+           "torchmetrics.functional.classification",
+           "torchmetrics.functional.segmentation")
 ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
 SOCKET_NAME = "clientapp.sock"
 SHIM_NAME = "flwr-clientapp"
