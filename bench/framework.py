@@ -44,7 +44,7 @@ ENGINES = ("inprocess", "ray")  # Ray last: its shutdown must not overlap anothe
 def cold_start() -> None:
     """Forget what this process has cached (DP noise plans, file digests, decoded sites), so every run starts
     as a fresh process does; Ray's workers are fresh processes, and whichever run came first would pay alone."""
-    privacy._noise_multiplier.cache_clear()
+    privacy.forget()
     digests.forget()
     client.site._MEMO.clear()
 

@@ -157,6 +157,7 @@ class Site:
         dp = privacy.plan(
             self.run.dp_target_epsilon, self.run.dp_target_delta, len(train_set), self.run.batch_size,
             self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm,
+            cache_dir=Path(self.config.state_dir),
         )
         with ledger.PrivacyLedger(Path(self.config.state_dir)).locked() as book:
             self._check_budget(book, dp)
