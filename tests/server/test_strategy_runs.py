@@ -72,7 +72,9 @@ def test_fedavg_with_validation_rejects_a_nan_site_and_still_learns(data, tmp_pa
     assert _final(records) > 0.9
 
 
-LONGER = {"num-server-rounds": 8}  # to the plateau (the flipped-sign run lags by ~2 rounds): comparing unfinished trajectories measures noise
+# To the plateau (the flipped-sign run lags the clean one by ~2 rounds): comparing unfinished trajectories
+# measures noise.
+LONGER = {"num-server-rounds": 8}
 
 
 @pytest.fixture(scope="module")
