@@ -139,12 +139,16 @@ def _start(conn: socket.socket, listener: socket.socket, waiting: dict[int, sock
         conn.close()
         return
     pid = os.fork()
-    if pid == 0:
-        listener.close()
-        for other in waiting.values():
-            other.close()
-        conn.close()
-        os._exit(_run_task(entry, argv, env, cwd))
+    if pid == 0:  # the child never returns into the zygote's loop, whatever happens
+        code = 1
+        try:
+            listener.close()
+            for other in waiting.values():
+                other.close()
+            conn.close()
+            code = _run_task(entry, argv, env, cwd)
+        finally:
+            os._exit(code)
     waiting[pid] = conn
     with contextlib.suppress(OSError):
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,3 +74,18 @@ def test_without_a_zygote_the_shim_runs_the_stock_command(tmp_path):
     task = run_shim(shim, tmp_path, "--token", "abc", stdout=subprocess.PIPE, text=True)
     out, _ = task.communicate(timeout=30)
     assert (task.returncode, out.strip()) == (7, "stock --token abc")
+
+
+def test_a_task_that_cannot_start_fails_alone_and_the_zygote_serves_the_next(zygote, tmp_path):
+    proc, shim, sock = zygote
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(sock))
+        conn.sendall(json.dumps({"argv": [], "env": dict(os.environ), "cwd": str(tmp_path / "no such")}).encode()
+                     + b"\n")
+        reader = conn.makefile("r")
+        child = json.loads(reader.readline())["pid"]
+        assert json.loads(reader.readline())["exit"] == 1  # the child could not chdir: it exited, not the zygote
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert run_shim(shim, tmp_path, "--exit", "5").wait(timeout=60) == 5
+    assert proc.poll() is None
