@@ -28,6 +28,7 @@ from common.models import build_model
 from common.protocol import STATUS
 from common.weights import plain_state_dict
 from server import checkpoint, resume, runlog, validation
+from server.polling import PromptGrid
 from server.strategies import build_strategy
 from server.waiting import WaitingGrid
 
@@ -85,7 +86,7 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         ensure_console()
         cfg = RunConfig.from_mapping({**context.run_config, **(overrides or {})})
-        run(grid, cfg, str(context.run_id))
+        run(PromptGrid(grid), cfg, str(context.run_id))  # type: ignore[arg-type]
 
     return server_app
 
