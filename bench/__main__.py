@@ -23,12 +23,12 @@ from typing import Any
 from bench import machine, table
 from fedhosp import processes
 
-# Arguments per section: (full pass, --quick pass). Full: the settings, ~20 minutes on 2 idle cores.
+# Arguments per section: (full pass, --quick pass). Full: ~17 minutes on 2 idle cores, plus the venv on a fresh clone.
 SECTIONS: dict[str, tuple[list[str], list[str]]] = {
-    "dp_overhead": (["--repeats", "5"], ["--repeats", "3"]),
-    "hardware": (["--repeats", "5"], ["--repeats", "3"]),
+    "dp_overhead": (["--repeats", "4"], ["--repeats", "3"]),
+    "hardware": (["--repeats", "4"], ["--repeats", "3"]),
     "decoding": (["--images", "500", "--repeats", "5"], ["--images", "200", "--repeats", "3"]),
-    "communication": (["--sites", "3", "--rounds", "8", "--images", "200", "--seeds", "0,1"],
+    "communication": (["--sites", "3", "--rounds", "6", "--images", "200", "--seeds", "0,1"],
                       ["--sites", "3", "--rounds", "4", "--images", "60", "--seeds", "0"]),
     "membership": ([], ["--rounds", "4", "--images", "60", "--local-epochs", "3"]),
     "framework": (["--sites", "10", "--rounds", "3", "--images", "200"],
