@@ -30,6 +30,7 @@ from common.models import grad_sample_mode
 
 ACCOUNTANT = "rdp"
 NOISE_CACHE = "noise-multipliers.json"  # in a site's state folder: see noise_multiplier
+SEARCH_TOLERANCE = 0.01  # Opacus's get_noise_multiplier default: its answer spends within this of the target
 History = list[tuple[float, float, int]]  # Opacus: (noise_multiplier, sample_rate, steps)
 
 # Opacus's hooks on the first layer make torch warn on every backward pass that the
@@ -83,15 +84,17 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     deployment every round is a new process and in simulation a site lands on any of the
     Ray workers: uncached, it was 70% of a simulated site's time. A value read from the file is
     used only if Opacus's accountant confirms it still spends at most `target_epsilon`
-    (one ε evaluation, not a search), so a stale or edited file cannot weaken the noise.
+    (one ε evaluation, not a search) that it spends the target within the search's tolerance, so a
+    stale or edited file can neither weaken the noise nor silently add more than planned.
     """
     key = json.dumps([target_epsilon, delta, sample_rate, steps])
     if key in _KNOWN:
         return _KNOWN[key]
     known = _read_cache(cache_dir)
     cached = known.get(key)
-    if isinstance(cached, float) and cached > 0 and epsilon([(cached, sample_rate, steps)], delta) <= target_epsilon:
-        sigma = cached
+    if isinstance(cached, float) and cached > 0 and \
+            target_epsilon - SEARCH_TOLERANCE <= epsilon([(cached, sample_rate, steps)], delta) <= target_epsilon:
+        sigma = cached  # what the search would answer: within its tolerance below the target
     else:
         sigma = _search(target_epsilon, delta, sample_rate, steps)
         if cache_dir is not None:

@@ -150,6 +150,9 @@ def test_noise_multiplier_is_searched_once_per_site_and_a_weaker_cached_value_is
     privacy.forget()
     assert privacy.epsilon([(sigma / 2, 0.2, 60)], 1e-4) > 8.0
     assert privacy.noise_multiplier(*args, cache_dir=tmp_path) == sigma  # refused, searched again
+    cache.write_text(cache.read_text().replace(repr(sigma), repr(sigma * 2)))  # edited: twice the noise
+    privacy.forget()
+    assert privacy.noise_multiplier(*args, cache_dir=tmp_path) == sigma  # refused too: not what was planned
     cache.write_text("not json")
     privacy.forget()
     assert privacy.noise_multiplier(*args, cache_dir=tmp_path) == sigma
