@@ -73,6 +73,9 @@ def add_deploy_commands(sub: Any) -> None:
     client.add_argument("--stock-clientapp", action="store_true",
                         help="start Flower's own flwr-clientapp for every task (a fresh interpreter importing torch "
                              "each time: ~10 s a message) instead of forking it from one that imported them once")
+    client.add_argument("--stock-waits", action="store_true",
+                        help="run the SuperNode with Flower's own fixed waits (a 3 s sleep whenever it finds no "
+                             "task: ~6 s a round) instead of fedhosp's shorter ones (common/flower_waits.py)")
     client.set_defaults(handler=cmd_client)
 
     audit = sub.add_parser("audit", help="a site's audit trail: every run it joined")
@@ -131,7 +134,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         hospital.join(hospital.ClientOptions(
             server=args.server, ca=args.ca, key=args.key, data=args.data, state=args.state, device=args.device,
             privacy_budget=args.privacy_budget, runtime_port=args.runtime_port, max_wait=args.max_wait,
-            warm=not args.stock_clientapp,
+            warm=not args.stock_clientapp, short_waits=not args.stock_waits,
         ))
     finally:
         processes.stop_strays()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from common import flower_waits
 from common.config import DEVICES
 from common.errors import ConfigError, FedhospError
 from fedhosp import processes, warm_clientapp
@@ -48,6 +49,7 @@ class ClientOptions:
     runtime_port: int = 9094  # the SuperNode's own Runtime API, on 127.0.0.1
     max_wait: float | None = None  # stop trying to reach the server after this many seconds (None: never)
     warm: bool = True  # tasks forked from a process that imported torch & co. once (fedhosp/warm_clientapp.py)
+    short_waits: bool = True  # the SuperNode's fixed sleeps shortened (common/flower_waits.py)
 
     @property
     def state_dir(self) -> Path:
@@ -73,6 +75,11 @@ def supernode_command(opts: ClientOptions) -> list[str]:
     if opts.max_wait is not None:
         cmd += ["--max-wait-time", f"{opts.max_wait:g}"]
     return cmd
+
+
+def launch_command(opts: ClientOptions, cmd: list[str]) -> list[str]:
+    """How `cmd` (Flower's `flower-supernode ...`) is started: behind common/flower_waits.py unless --stock-waits."""
+    return flower_waits.supernode_command(cmd) if opts.short_waits else cmd
 
 
 def check(opts: ClientOptions) -> None:
@@ -134,7 +141,7 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
                                    echo, lines, pumps))
         cmd = supernode_command(opts)
         processes.show(cmd)
-        supernode = _start("SuperNode", cmd, env, log_path, full, echo, lines, pumps)
+        supernode = _start("SuperNode", launch_command(opts, cmd), env, log_path, full, echo, lines, pumps)
         children.append(supernode)
         try:
             # Wait for the SuperNode itself, not for end of output: its SuperExec inherits the pipe

@@ -33,6 +33,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common import flower_waits
+
 OURS = frozenset({"client", "common", "server", "simulation", "fedhosp", "bench", "tests"})
 # What a task imports: Flower's entry point, our app (torch, Opacus, pydicom), the metrics' libraries.
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "client.app", "sklearn.metrics",
@@ -215,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m fedhosp.warm_clientapp SOCKET_PATH")
     preload()
+    flower_waits.shorten_object_pulls()  # inherited by every child: it asks for objects still arriving
     print(f"fedhosp: clientapp libraries loaded; warm tasks through {args[0]}", flush=True)
     serve(Path(args[0]))
 

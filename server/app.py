@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from common import privacy, transport
+from common import flower_waits, privacy, transport
 from common.config import RunConfig
 from common.errors import FedhospError
 from common.logs import ensure_console
@@ -85,6 +85,7 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         ensure_console()
+        flower_waits.shorten_object_pulls()  # replies are visible before their objects have all arrived
         cfg = RunConfig.from_mapping({**context.run_config, **(overrides or {})})
         run(PromptGrid(grid), cfg, str(context.run_id))  # type: ignore[arg-type]
 
