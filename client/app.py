@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client import audit, local_state
 from client.site import Site, site_from_context
-from common import drift, transport
+from common import drift, packing, transport
 from common.config import RunConfig
 from common.errors import PrivacyBudgetExceeded
 from common.protocol import BUDGET_SPENT, STATUS
@@ -42,7 +42,8 @@ def _site(msg: Message, context: Context) -> tuple[Site, int]:
 def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
         try:
-            content = handler(msg, context)
+            packing.unpack_content(msg.content)
+            content = packing.pack_content(handler(msg, context))
         except Exception as exc:
             log.exception("site failed on a %s message", msg.metadata.message_type)
             raise RuntimeError(f"site failed: {type(exc).__name__} (details in the site's log)") from None

@@ -28,6 +28,7 @@ from common.models import build_model
 from common.protocol import STATUS
 from common.weights import plain_state_dict
 from server import checkpoint, resume, runlog, validation
+from server.packed_grid import PackedGrid
 from server.polling import PromptGrid
 from server.strategies import build_strategy
 from server.waiting import WaitingGrid
@@ -102,7 +103,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
     model = build_model(cfg.task, cfg.model, 1, cfg.num_classes, cfg.image_size)
     arrays = ArrayRecord(torch_state_dict=plain_state_dict(model))
     strategy = build_strategy(cfg)
-    grid = WaitingGrid(grid, cfg.min_available_sites, cfg.site_wait)
+    grid = WaitingGrid(PackedGrid(grid), cfg.min_available_sites, cfg.site_wait)
     log_path = out / runlog.RUN_LOG
     first = 1
     cfg = replace(cfg, run_name=cfg.run_name or run_id)
