@@ -33,7 +33,7 @@ SECTIONS: dict[str, tuple[list[str], list[str]]] = {
     "membership": ([], ["--rounds", "4", "--images", "60", "--local-epochs", "3"]),
     "framework": (["--sites", "10", "--rounds", "3", "--images", "200"],
                   ["--sites", "10", "--rounds", "3", "--images", "60"]),
-    "deployment": (["--sites", "2", "--rounds", "2", "--images", "200", "--import-repeats", "2"],
+    "deployment": (["--sites", "2", "--rounds", "2", "--images", "200", "--import-repeats", "1"],
                    ["--sites", "2", "--rounds", "2", "--images", "60", "--import-repeats", "1"]),
     "scaling": (["--sizes", "10,50,100", "--rounds", "2", "--images", "40"],
                 ["--sizes", "10,100", "--rounds", "2", "--images", "20"]),

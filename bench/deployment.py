@@ -5,9 +5,12 @@ authentication behind nginx, one `fedhosp client` (SuperNode) per site, our app 
 with `flwr run`. Then the same sites, data, settings and rounds run in Flower's simulation
 engine (Ray). Round times are the ServerApp's own (train + evaluate, as in the run log).
 Flower starts a `flwr-clientapp` process for every message; `fedhosp client` forks it from
-a zygote that imported torch & co. once (fedhosp/warm_clientapp.py). The deployment runs
-twice, with the zygote and with `--stock-clientapp` (a fresh interpreter per message, whose
-import cost is timed apart), so the table shows what the zygote buys on the same run.
+a zygote that imported torch & co. once (fedhosp/warm_clientapp.py), and shortens the
+SuperNode's fixed sleeps (common/flower_waits.py). The deployment runs twice: as
+`fedhosp client` runs it, and with `--stock-clientapp --stock-waits` (the hospitals' side
+as Flower ships it; a fresh interpreter per message, whose import cost is timed apart),
+so the table shows what both buy on the same run. Each site's log times every line, so
+the table also splits a message's time at a site into its phases (`phases`).
 
 Usage: python -m bench.deployment [--sites 3] [--rounds 2] [--images 200] [--import-repeats 3] [--out FILE]
 """
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +81,8 @@ def deploy(root: Path, cfg: RunConfig, sites: int, stock: bool = False) -> dict[
         _fedhosp(["client", "--server", f"127.0.0.1:{fleet}", "--ca", str(work / "certs" / "ca.crt"),
                   "--key", str(work / name / f"{name}.key"), "--data", str(cfg.site_data_path(i)),
                   "--state", str(cfg.site_state_dir(i)), "--device", "cpu",
-                  "--runtime-port", str(processes.free_port()), *(["--stock-clientapp"] if stock else [])],
+                  "--runtime-port", str(processes.free_port()),
+                  *(["--stock-clientapp", "--stock-waits"] if stock else [])],
                  work / f"{name}.log")
         for i, name in enumerate(names)
     ]
@@ -91,7 +96,44 @@ def deploy(root: Path, cfg: RunConfig, sites: int, stock: bool = False) -> dict[
         tail = (work / "server.log").read_text(errors="replace").splitlines()[-5:]
         raise RuntimeError(f"fedhosp server exited {code}: {' | '.join(tail)}")
     return {"total_s": total, "round_s": hospitals.round_seconds(out),
-            "accuracy": hospitals.final_metrics(out).get("accuracy")}
+            "accuracy": hospitals.final_metrics(out).get("accuracy"),
+            "phases": [phases(cfg.site_state_dir(i) / "supernode.log") for i in range(sites)]}
+
+
+# Flower's INFO lines for one message at a SuperNode, in order; the site log times each line (fedhosp/hospital.py).
+_MARKS = {"Receiving: ": "receiving", "Received successfully": "received", "Sending: ": "sending",
+          "Sent successfully": "sent"}
+
+
+def phases(site_log: Path) -> dict[str, dict[str, float]]:
+    """Where a site's messages spent their time, median seconds per message kind: waiting for the message
+    after the previous reply went out (the server aggregating, and the SuperNode's idle pull), receiving
+    it from the SuperLink, the clientapp (start, pull from the SuperNode, train or evaluate, push back),
+    and sending the reply to the SuperLink. The first message (no previous reply) counts from its arrival."""
+    times: dict[str, list[float]] = {}
+    last_sent: float | None = None
+    kind, marks = "", {}
+    for line in site_log.read_text(errors="replace").splitlines():
+        mark = next((name for text, name in _MARKS.items() if text in line), None)
+        if mark is None:
+            continue
+        stamp = datetime.fromisoformat(line[:23]).timestamp()
+        if mark == "receiving":
+            kind = "train" if "train message" in line else "evaluate"
+            marks = {"receiving": stamp}
+        marks[mark] = stamp
+        if mark == "sent" and len(marks) == 4:
+            spans = {"wait": marks["receiving"] - (last_sent if last_sent is not None else marks["receiving"]),
+                     "receive": marks["received"] - marks["receiving"],
+                     "clientapp": marks["sending"] - marks["received"], "send": marks["sent"] - marks["sending"]}
+            for name, seconds in spans.items():
+                times.setdefault(f"{kind}.{name}", []).append(seconds)
+            last_sent = stamp
+    medians: dict[str, dict[str, float]] = {}
+    for key, values in times.items():
+        kind, name = key.split(".")
+        medians.setdefault(kind, {})[name] = statistics.median(values)
+    return medians
 
 
 def import_cost(repeats: int = 3) -> dict[str, float]:
@@ -114,7 +156,7 @@ def measure(root: Path, sites: int, rounds: int, images: int, import_repeats: in
     cfg = hospitals.ready(root, "simulation", sites, images, **settings)
     simulation = simulated(cfg, sites, "ray")
     return {"sites": sites, "rounds": rounds, "images_per_site": images, "deployment": deployed,
-            "deployment_stock_clientapp": stock, "simulation": simulation,
+            "deployment_stock": stock, "simulation": simulation,
             "clientapp_import": import_cost(import_repeats),
             "first_round_over_simulation": deployed["round_s"][0] / simulation["round_s"][0],
             "steady_round_over_simulation": steady(deployed["round_s"]) / steady(simulation["round_s"]),
@@ -135,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     d, s = result["deployment"], result["simulation"]
     print(f"deployment rounds {[round(x, 1) for x in d['round_s']]} s, simulation {[round(x, 1) for x in s['round_s']]}"
           f" s: {result['steady_round_over_simulation']:.2f}x in steady state, round 1 "
-          f"{result['first_round_over_simulation']:.2f}x; with --stock-clientapp "
-          f"{[round(x, 1) for x in result['deployment_stock_clientapp']['round_s']]} s "
+          f"{result['first_round_over_simulation']:.2f}x; as shipped "
+          f"{[round(x, 1) for x in result['deployment_stock']['round_s']]} s "
           f"({result['stock_steady_round_over_simulation']:.2f}x); "
           f"a fresh clientapp import costs {result['clientapp_import']['wall_s']:.1f}s "
           f"({result['clientapp_import']['cpu_s']:.1f} CPU s)")

@@ -41,6 +41,14 @@ def framework_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+PHASES = ("wait", "receive", "clientapp", "send")  # bench/deployment.py phases()
+
+
+def _mean_phase(sites: list[dict[str, dict[str, float]]], kind: str, phase: str) -> float:
+    values = [site[kind][phase] for site in sites if phase in site.get(kind, {})]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def deployment_rows(r: dict[str, Any]) -> list[Row]:
     imp = r["clientapp_import"]
     return [
@@ -51,9 +59,12 @@ def deployment_rows(r: dict[str, Any]) -> list[Row]:
         ("", "  deployment vs simulation rounds (s)",
          f"{'/'.join(f'{x:.0f}' for x in r['deployment']['round_s'])} vs "
          f"{'/'.join(f'{x:.1f}' for x in r['simulation']['round_s'])}", "", ""),
-        ("", "  with --stock-clientapp (a fresh flwr-clientapp per message): steady, rounds (s)",
+        *[("", f"  a site's {kind} message, median s: wait for it / receive / clientapp / send reply",
+           " / ".join(f"{_mean_phase(r['deployment']['phases'], kind, p):.1f}" for p in PHASES), "", "")
+          for kind in ("train", "evaluate")],
+        ("", "  hospitals as Flower ships them (--stock-clientapp --stock-waits): steady, rounds (s)",
          f"{r['stock_steady_round_over_simulation']:.1f}x, "
-         f"{'/'.join(f'{x:.0f}' for x in r['deployment_stock_clientapp']['round_s'])}", "", ""),
+         f"{'/'.join(f'{x:.0f}' for x in r['deployment_stock']['round_s'])}", "", ""),
         ("", "  what each stock message pays first: a fresh interpreter importing torch + our app",
          f"{imp['wall_s']:.1f}s ({imp['cpu_s']:.1f} CPU s)", "", ""),
     ]

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -174,10 +175,11 @@ def _start(name: str, cmd: list[str], env: dict[str, str], log_path: Path, full:
 
 
 def _pump(popen: subprocess.Popen[str], full: TextIO, echo: TextIO, lines: list[str]) -> None:
-    """Copy a process's output to the site's log and the console; keep the lines for the verdict."""
+    """Copy a process's output to the site's log (each line timed: Flower's INFO lines are not) and the
+    console; keep the lines for the verdict."""
     assert popen.stdout is not None
     for line in popen.stdout:
-        full.write(line)
+        full.write(f"{datetime.now().isoformat(sep=' ', timespec='milliseconds')} {line}")
         full.flush()
         print(line.rstrip(), file=echo, flush=True)
         lines.append(line)
