@@ -25,18 +25,18 @@ def norm_keys(model: nn.Module) -> list[str]:
 
 
 def load(state_dir: str | Path, kind: str, run_id: str) -> dict[str, torch.Tensor] | None:
-    path = _path(state_dir, kind, run_id)
+    path = file(state_dir, kind, run_id)
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 def save(state_dir: str | Path, kind: str, run_id: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    path = _path(state_dir, kind, run_id)
+    path = file(state_dir, kind, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
 
 
-def _path(state_dir: str | Path, kind: str, run_id: str) -> Path:
+def file(state_dir: str | Path, kind: str, run_id: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
     return Path(state_dir) / "local" / f"{kind}-{safe}.pt"

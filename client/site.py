@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import local_state
+from client import local_state, replay
 from common import drift, ledger, privacy, training
 from common.config import RunConfig, SiteConfig
 from common.data import cache, sources, split
@@ -154,6 +154,13 @@ class Site:
             self._keep_norms(model, run_id)
             return to_record(model), metrics
 
+        request = replay.key(run_id, server_round, arrays, self.run) if correction is None else None
+        sent = replay.load(self.config.state_dir, run_id, request) if request else None
+        if sent is not None:  # this round again, as after a coordinator's resume: the same reply, no new ε
+            book = ledger.PrivacyLedger(Path(self.config.state_dir))
+            log.info("round %d of run %s: trained already; sending the same reply again", server_round, run_id)
+            return sent[0], {**sent[1], "epsilon": privacy.epsilon(book.history(run_id), self.run.dp_target_delta),
+                             "epsilon-total": book.total_epsilon()}
         dp = privacy.plan(
             self.run.dp_target_epsilon, self.run.dp_target_delta, len(train_set), self.run.batch_size,
             self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm,
@@ -172,7 +179,10 @@ class Site:
         metrics["noise-multiplier"] = dp.noise_multiplier
         metrics["local-steps"] = optimizer.original_optimizer.steps
         self._keep_norms(model, run_id)
-        return to_record(model), metrics
+        reply = to_record(model)
+        if request:
+            replay.save(self.config.state_dir, run_id, request, reply, metrics)
+        return reply, metrics
 
     @property
     def budget(self) -> float:

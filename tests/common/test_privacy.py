@@ -103,12 +103,13 @@ def test_dp_noise_is_not_derivable_from_the_servers_seed(hospitals, tmp_path):
     run = RunConfig(num_server_rounds=1, local_epochs=1, batch_size=8, image_size=32, dp_target_delta=1e-3)
     arrays = to_record(build_model("classification", "cnn", image_size=32))
 
-    def update(state):
+    def update(state, run_id="r"):
         site = Site(run, SiteConfig(str(hospitals / "site-000"), str(state), "cpu"))
-        new, _ = site.train(arrays, 1, run_id="r")
+        new, _ = site.train(arrays, 1, run_id=run_id)
         return torch.cat([v.flatten() for v in new.to_torch_state_dict().values()])
 
-    a, b, a_again = update(tmp_path / "a"), update(tmp_path / "b"), update(tmp_path / "a")
+    # (another run name: the same run's round asked again would be answered from client/replay.py)
+    a, b, a_again = update(tmp_path / "a"), update(tmp_path / "b"), update(tmp_path / "a", run_id="r2")
     assert not torch.allclose(a, b)
     assert torch.equal(a, a_again)
     assert oct((tmp_path / "a" / "site-secret").stat().st_mode)[-3:] == "600"

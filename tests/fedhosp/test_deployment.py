@@ -135,12 +135,14 @@ def test_three_hospitals_stop_resume_and_a_dropout(deployment):
     final = checkpoint.load(base / "run" / checkpoint.MODEL)
     assert final["round"] == 3
 
-    for name, rounds in (("hosp-a", [[1], [2, 3]]), ("hosp-c", [[1]])):  # hosp-c: round 1, maybe not 2
+    # The stopped coordinator may have sent round 2 before it went: a site that trained it answers the
+    # resumed run's round 2 with the same reply (client/replay.py), which the ε bound above confirms.
+    for name, expected in (("hosp-a", ([[1], [2, 3]], [[1, 2], [2, 3]])), ("hosp-c", ([[1]], [[1, 2]]))):
         lines = [json.loads(x) for x in (base / name / "state" / "audit.jsonl").read_text().splitlines()]
         runs = {}
         for line in lines:
             if line["event"] == "train":
                 runs.setdefault(line["run-id"], []).append(line["round"])
-        assert list(runs.values())[:len(rounds)] == rounds, runs
+        assert any(list(runs.values())[:len(rounds)] == rounds for rounds in expected), runs
     print(f"\nphase 1 (start + round 1): {t1 - t0:.0f}s; phase 2 (restart + rounds 2-3 with a dropout): "
           f"{t2 - t1:.0f}s")
