@@ -167,6 +167,7 @@ class Site:
             cache_dir=Path(self.config.state_dir),
         )
         with ledger.PrivacyLedger(Path(self.config.state_dir)).locked() as book:
+            self._check_run_target(book, dp, run_id)
             self._check_budget(book, dp)
             engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
             metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device,
@@ -188,6 +189,26 @@ class Site:
     def budget(self) -> float:
         """The site's own budget; a virtual site (simulation) takes the run's `site-privacy-budget`."""
         return self.config.privacy_budget or (self.run.site_privacy_budget if self.index is not None else 0.0)
+
+    def _check_run_target(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan, run_id: str) -> None:
+        """Refuse a round that would take this run past its target ε at this site.
+
+        The plan spends the target if the site trains each round once. A round trained twice
+        that the replay cannot answer (SCAFFOLD, or settings changed on a resume) would overshoot.
+        Within the plan (the usual case) this is arithmetic, with no ε evaluation.
+        """
+        spent = book.history(run_id)
+        steps = sum(n for _, _, n in spent) + dp.steps_per_round
+        if steps <= dp.planned_steps and all((s, q) == (dp.noise_multiplier, dp.sample_rate) for s, q, _ in spent):
+            return
+        would_be = privacy.epsilon(spent + dp.round_history(), dp.delta)
+        target = self.run.dp_target_epsilon
+        if would_be > target + privacy.SEARCH_TOLERANCE:
+            raise PrivacyBudgetExceeded(
+                f"run {run_id}: this round would spend ε={would_be:.3f}, over the run's target {target:g} "
+                "(a round trained again after a resume?)", spent=privacy.epsilon(spent, dp.delta), budget=target,
+                would_be=would_be,
+            )
 
     def _check_budget(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan | None) -> None:
         """Refuse, before any step, a round that would take the site past its budget."""
