@@ -83,9 +83,9 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     The search takes 3-5 s and every round of a run asks it the same question, but in
     deployment every round is a new process and in simulation a site lands on any of the
     Ray workers: uncached, it was 70% of a simulated site's time. A value read from the file is
-    used only if Opacus's accountant confirms it still spends at most `target_epsilon`
-    (one ε evaluation, not a search) that it spends the target within the search's tolerance, so a
-    stale or edited file can neither weaken the noise nor silently add more than planned.
+    used only if Opacus's accountant confirms (one ε evaluation, not a search) that it spends
+    the target within the search's tolerance, so a stale or edited file can neither weaken the
+    noise nor silently add more than planned.
     """
     key = json.dumps([target_epsilon, delta, sample_rate, steps])
     if key in _KNOWN:
