@@ -42,8 +42,11 @@ def _site(msg: Message, context: Context) -> tuple[Site, int]:
 def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
         try:
+            packed = packing.has_packed(msg.content)  # answer in kind (the server packs on Flower's wire only)
             packing.unpack_content(msg.content)
-            content = packing.pack_content(handler(msg, context))
+            content = handler(msg, context)
+            if packed:
+                packing.pack_content(content)
         except Exception as exc:
             log.exception("site failed on a %s message", msg.metadata.message_type)
             raise RuntimeError(f"site failed: {type(exc).__name__} (details in the site's log)") from None

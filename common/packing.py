@@ -9,9 +9,10 @@ an ArrayRecord into one uint8 array (a JSON header of names, dtypes and shapes, 
 the raw bytes) cuts that message to 7 objects. It carries exactly what the record
 held: the same arrays, names and order; nothing is added.
 
-The server packs what it pushes and unpacks what it pulls (server/packed_grid.py); the ClientApp
-unpacks what it receives and packs its reply. A record that is not packed passes through,
-so either side also reads the other's plain records.
+The ServerApp packs what it pushes to Flower's grid and unpacks what it pulls
+(server/packed_grid.py, in `make_app`); the ClientApp unpacks what it receives and
+packs its reply if the request came packed. Engines and tests that hand `server.app.run`
+their own grid see plain records throughout.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def pack(record: ArrayRecord) -> ArrayRecord:
 
 def is_packed(record: ArrayRecord) -> bool:
     return list(record.keys()) == [KEY]
+
+
+def has_packed(content: RecordDict) -> bool:
+    return any(is_packed(record) for record in content.array_records.values())
 
 
 def unpack(record: ArrayRecord) -> ArrayRecord:

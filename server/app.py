@@ -88,7 +88,7 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         ensure_console()
         flower_waits.shorten_object_pulls()  # replies are visible before their objects have all arrived
         cfg = RunConfig.from_mapping({**context.run_config, **(overrides or {})})
-        run(PromptGrid(grid), cfg, str(context.run_id))  # type: ignore[arg-type]
+        run(PromptGrid(PackedGrid(grid)), cfg, str(context.run_id))  # type: ignore[arg-type]
 
     return server_app
 
@@ -103,7 +103,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
     model = build_model(cfg.task, cfg.model, 1, cfg.num_classes, cfg.image_size)
     arrays = ArrayRecord(torch_state_dict=plain_state_dict(model))
     strategy = build_strategy(cfg)
-    grid = WaitingGrid(PackedGrid(grid), cfg.min_available_sites, cfg.site_wait)
+    grid = WaitingGrid(grid, cfg.min_available_sites, cfg.site_wait)
     log_path = out / runlog.RUN_LOG
     first = 1
     cfg = replace(cfg, run_name=cfg.run_name or run_id)

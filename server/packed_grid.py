@@ -1,7 +1,8 @@
 """The server's side of common/packing.py: what it pushes goes out packed, what it pulls comes back unpacked.
 
-Innermost of the Grid wrappers (under polling and waiting), so the strategies, validation
-and checkpoints only ever see plain ArrayRecords.
+Wrapped directly around Flower's grid in `server.app.make_app` (under polling and waiting), so
+the strategies, validation, checkpoints and any grid a caller of `run` puts in front
+only ever see plain ArrayRecords.
 """
 
 from __future__ import annotations

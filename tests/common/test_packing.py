@@ -95,3 +95,23 @@ def test_the_server_sends_packed_records_and_its_strategies_see_plain_ones():
     for reply in replies:
         _same(reply.content["arrays"], record)  # packed exactly once on the way out
     assert dict(replies[0].content["config"]) == {"r": 1}
+
+
+def test_the_clientapp_sees_plain_records_and_answers_in_kind():
+    from client.app import _guarded
+
+    seen = []
+
+    def handler(msg, context):
+        seen.append(msg.content["arrays"])
+        return RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"n": 1})})
+
+    run = _guarded(handler)
+    record = _model_record()
+    for sent, packed in ((record, False), (packing.pack(record), True)):
+        msg = _as_received(Message(content=RecordDict({"arrays": sent}), dst_node_id=1, message_type="train"))
+        reply = run(msg, None)
+        assert not packing.is_packed(seen[-1])
+        _same(seen[-1], record)
+        assert packing.is_packed(reply.content["arrays"]) == packed
+        _same(packing.unpack(reply.content["arrays"]), record)
