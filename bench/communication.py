@@ -1,12 +1,13 @@
 """Communication: bytes per site per round, float32 vs float16 updates, and what float16 costs the model.
 
-Bytes are Flower's own encoding of each message (the sum of its deflated objects: message,
-records, arrays, array chunks), counted on the grid between the ServerApp and the real
-ClientApp, for one round of the default model: down (train and evaluate requests: the
-global weights and the run config, twice) and up (the update, then the evaluation
-metrics). TLS and HTTP framing are not counted. The cost of `update-dtype = float16` is the
-final held-out metric of the same federated run (same sites, data, seed and site secrets,
-DP on as by default) with float32 and with float16 updates, over a few seeds; both runs
+Bytes are Flower's own encoding of each message as it crosses Flower's wire in deployment (the
+sum of its deflated objects: message, records, arrays, array chunks; its ArrayRecords packed
+into one array each, as the ServerApp and ClientApp send them, common/packing.py), counted on
+the grid between the ServerApp and the real ClientApp, for one round of the default model: down
+(train and evaluate requests: the global weights and the run config, twice) and up (the update,
+then the evaluation metrics). TLS and HTTP framing are not counted. The cost of `update-dtype =
+float16` is the final held-out metric of the same federated run (same sites, data, seed and site
+secrets, DP on as by default) with float32 and with float16 updates, over a few seeds; both runs
 go through the real ServerApp loop and ClientApp in this process (simulation/inprocess.py).
 
 Usage: python -m bench.communication [--sites 3] [--rounds 8] [--images 200] [--seeds 0,1] [--out FILE]
@@ -23,17 +24,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from bench import hospitals
+from common import packing
 from common.config import RunConfig
 from simulation.inprocess import run_inprocess
 
 
 def wire_bytes(msg: Message) -> int:
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    """The message itself (metadata, its content's id) plus its content's objects, ArrayRecords packed."""
+    content = RecordDict({k: packing.pack(v) if isinstance(v, ArrayRecord) else v for k, v in msg.content.items()})
+    return len(msg.deflate()) + sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 class MeteredGrid:
