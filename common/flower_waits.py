@@ -1,8 +1,8 @@
 """Flower 1.41's fixed waits in deployment, shortened in the processes fedhosp starts.
 
-A deployment round on loopback took ~17 s against 2 s in simulation. The SuperNode's
-DEBUG timestamps (bench/deployment.py prints them per phase) put most of it in waits
-that are literals in Flower's source, with no setting:
+A deployment round on loopback took ~17 s against 2 s in simulation. Timestamps per
+message at the sites (the site log; bench/deployment.py prints them per phase) put much
+of it in waits that are literals in Flower's source, with no setting:
 - the SuperNode sleeps 3 s whenever a pull finds no message, and it always does right
   after sending a reply (the server has not aggregated yet): ~3 s before train and
   again before evaluate (`flwr/supernode/start_client_internal.py`);
