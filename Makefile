@@ -6,17 +6,32 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench lock clean
 
-# Reinstall whenever pyproject.toml changes (the stamp is older than it).
-$(STAMP): pyproject.toml
+LOCK := requirements.lock
+BOOTSTRAP := $(VENV)/bootstrap.lock
+
+# Every install is the committed lock, hash-checked: the whole tree at exact versions. First pip,
+# setuptools and wheel from the lock (the venv's own pip predates the lock's), then everything with
+# builds that use those (grad-cam ships only an sdist), then our own code, no dependency resolution.
+# Reinstall whenever the lock or pyproject.toml changes (the stamp is older than them).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	awk '/^[A-Za-z0-9]/{keep=($$0 ~ /^(pip|setuptools|wheel)==/)} keep' $(LOCK) > $(BOOTSTRAP)
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(BOOTSTRAP)
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps --no-build-isolation -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	@# fedhosp server puts nginx in front of the SuperLink (Fleet API only); its tests need it too.
 	command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light) \
 		|| echo "warning: nginx is missing and could not be installed: fedhosp server and its tests need it"
 	touch $(STAMP)
+
+# Refresh the lock deliberately, in a commit of its own: the newest releases inside pyproject's ranges
+# (UPGRADE=1), or only what a changed pyproject needs (default). Needs the index, as any install does.
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --all-build-deps --extra dev --strip-extras \
+		--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/fedhosp simulate --sites 5 --out runs/demo
