@@ -34,6 +34,7 @@ from typing import Any
 
 from bench import hospitals
 from bench.framework import simulated, steady
+from common import process_tree
 from common.config import RunConfig
 from fedhosp import certs, processes
 
@@ -50,14 +51,15 @@ def _fedhosp(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
     """SIGTERM (fedhosp stops its own Flower children on it), then SIGKILL whatever of its tree is left."""
-    tree = [proc.pid, *processes.descendants(proc.pid)]
+    tree = process_tree.descendants(proc.pid)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
-    for pid in [*tree, *processes.descendants(proc.pid)]:
-        if processes._running(pid):
-            processes._signal(pid, signal.SIGKILL)
+    for child in {*tree, *process_tree.descendants(proc.pid)}:
+        process_tree.send(child, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
     proc.wait(timeout=10)
 
 

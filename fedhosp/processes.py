@@ -2,14 +2,14 @@
 
 Flower's SuperLink and SuperNode start children in sessions of their own (SuperExec,
 then one `flwr-serverapp` / `flwr-clientapp` per task), so stopping a process group
-is not enough: `stop` ends the whole tree, found through /proc, so that no Flower
-process outlives the command that started it.
+is not enough: `stop` ends the whole tree, found through /proc (common/process_tree.py),
+so that no Flower process outlives the command that started it. Only processes that are
+still the ones seen (pid and start time) are signalled: a reused pid is somebody else's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shlex
 import signal
@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import process_tree
 from common.errors import FedhospError
+from common.process_tree import Proc, become_subreaper
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -35,8 +37,7 @@ FLOWER_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
 }
 
-
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+__all__ = ["become_subreaper"]  # re-exported for the commands that stop their strays
 
 
 class StartError(FedhospError):
@@ -48,13 +49,13 @@ class Child:
     name: str
     popen: subprocess.Popen[Any]
     log: Path
-    known: set[int] = field(default_factory=set)  # every descendant seen: orphans are re-parented away
+    known: set[Proc] = field(default_factory=set)  # every descendant seen: orphans are re-parented away
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def refresh(self) -> None:
-        self.known.update(descendants(self.popen.pid))
+        self.known.update(process_tree.descendants(self.popen.pid))
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -87,52 +88,24 @@ def start(name: str, cmd: Sequence[str], log: Path, env: Mapping[str, str]) -> C
 def stop(child: Child, grace: float = 10.0) -> None:
     """SIGTERM the process and everything it started; SIGKILL whatever is left after `grace`."""
     child.refresh()
-    tree = [child.popen.pid, *sorted(child.known)]
-    for pid in tree:
-        _signal(pid, signal.SIGTERM)
+    root = process_tree.identify(child.popen.pid)
+    tree = [*([root] if root else []), *sorted(child.known)]
+    for proc in tree:
+        process_tree.send(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_running(pid) for pid in tree):
+    while time.monotonic() < deadline and any(process_tree.alive(p) for p in tree):
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.popen.wait(timeout=0.1)
-        tree += [p for p in descendants(child.popen.pid) if p not in tree]
-    for pid in tree:
-        if _running(pid):
-            _signal(pid, signal.SIGKILL)
+        tree += [p for p in process_tree.descendants(child.popen.pid) if p not in tree]
+    for proc in tree:
+        process_tree.send(proc, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.popen.wait(timeout=5)
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live process below `pid`, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            found.append(kid)
-            todo.append(kid)
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
+    """The pids of every live process below `pid`."""
+    return [p.pid for p in process_tree.descendants(pid)]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -174,23 +147,6 @@ def stopping_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def become_subreaper() -> None:
-    """Have orphaned descendants (a SuperExec whose SuperNode died) re-parented to this process
-    instead of init, so `stop_strays` still finds them (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
 def stop_strays(grace: float = 5.0) -> None:
     """Stop and reap every process still below this one: for a CLI command on its way out."""
-    strays = descendants(os.getpid())
-    for pid in strays:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_running(pid) for pid in strays):
-        time.sleep(0.1)
-    for pid in strays:
-        if _running(pid):
-            _signal(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
+    process_tree.end(process_tree.descendants(os.getpid()), grace)
