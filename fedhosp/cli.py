@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """Exit status 130 after Ctrl-C, also when a thread would block the interpreter's exit: the simulated
+    ServerApp runs in Flower's non-daemon thread, waiting on replies that stop coming once the engine
+    is gone. Everything this command started has been stopped by then (process_tree.contained)."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site import site_from_context
+from common import process_tree
 from common.config import RunConfig, site_name
 from common.data import sources, synthetic
 from common.errors import ConfigError
@@ -222,17 +223,23 @@ def _run_engine(cfg: RunConfig, opts: SimulationOptions, wrap) -> None:
             "object_store_memory": OBJECT_STORE_BYTES,
         },
     }
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=opts.sites,
-            backend_config=backend_config,
-            verbose_logging=opts.verbose,
-        )
-    finally:
-        if ray.is_initialized():  # Flower shuts Ray down on success; make sure on failure too
-            ray.shutdown()
+    # Ray's workers are still exiting when ray.shutdown() returns, and on Ctrl-C nobody shuts Ray down:
+    # `contained` waits for (then stops) every process Ray started before this returns.
+    with process_tree.contained("Ray", settle=RAY_EXIT_S):
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=opts.sites,
+                backend_config=backend_config,
+                verbose_logging=opts.verbose,
+            )
+        finally:
+            if ray.is_initialized():  # Flower shuts Ray down on success; make sure on failure too
+                ray.shutdown()
+
+
+RAY_EXIT_S = 30.0  # workers leave within seconds of shutdown on an idle machine
 
 
 OBJECT_STORE_BYTES = 512 * 1024 * 1024

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,10 +13,35 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from common import training
+from common import process_tree, training
 from common.config import RunConfig
 from common.data import sources, split, synthetic
 from common.models import build_model
+from tests import leftovers
+
+# Commands that start Ray or Flower wait for them to exit before they return: what is still alive this
+# long after a test file ended was left behind (and is killed, so that the next file starts clean).
+LEFTOVER_WAIT_S = 2.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_marker():
+    """Every process the tests start carries this session's marker (leftovers.py finds them by it)."""
+    os.environ[leftovers.MARKER] = f"fedhosp-tests-{uuid.uuid4().hex}"
+    yield os.environ[leftovers.MARKER]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_or_flower_left(_session_marker):
+    """After each test file (its module fixtures stopped): no Ray or Flower process it started is alive."""
+    yield
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    while (alive := leftovers.ray_or_flower(_session_marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for proc in leftovers.marked(_session_marker):
+        if any(name in leftovers.command(proc) for name in leftovers.NAMES):
+            process_tree.send(proc, signal.SIGKILL)
+    assert not alive, f"Ray / Flower processes outlived this test file: {alive}"
 
 
 @pytest.fixture(autouse=True)

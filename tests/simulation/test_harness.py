@@ -5,17 +5,12 @@ In-process (no Ray): the same ServerApp loop and ClientApp; the engine is not th
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+import uuid
 
 import numpy as np
 import pytest
@@ -24,6 +19,7 @@ from fedhosp import cli
 from simulation import report
 from simulation.run import SimulationOptions, simulate
 from simulation.virtual_sites import PartitionOptions
+from tests import leftovers
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SITES = 3
@@ -130,47 +126,16 @@ def test_plots_are_pngs_and_show_the_baselines(cli_run, tmp_path):
     assert (out / "sites.png").read_bytes() != (tmp_path / "sites-only.png").read_bytes()
 
 
-def _ray_processes_of(tmpdir) -> list[int]:
-    """Live processes of the Ray cluster whose RAY_TMPDIR is `tmpdir` (other sessions' clusters are not ours)."""
-    mine = f"RAY_TMPDIR={tmpdir}".encode()
-    found = []
-    for entry in (p for p in Path("/proc").iterdir() if p.name.isdigit()):
-        try:
-            if mine in (entry / "environ").read_bytes().split(b"\0") and \
-                    (entry / "stat").read_text().split(") ")[1][0] != "Z":
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-    except OSError:
-        return str(pid)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_flower_engine_gives_the_same_metrics_as_in_process(cli_run, pool, tmp_path):
     """Random node ids, unseeded sampling and reply order under Ray change nothing: same seed, same numbers."""
     out = tmp_path / "ray"
-    tmpdir = Path(tempfile.mkdtemp(prefix="fhray", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
     args = [a if a != "inprocess" else "ray" for a in ARGS]
-    env = {**os.environ, "RAY_TMPDIR": str(tmpdir)}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fedhosp", *args, "--data", str(pool), "--out", str(out)],
-                              capture_output=True, text=True, timeout=900, env=env)
-        deadline = time.monotonic() + 20  # ray.shutdown() returns before its workers have exited
-        while (left := _ray_processes_of(tmpdir)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = [_cmdline(pid) for pid in left]
-    finally:
-        for pid in _ray_processes_of(tmpdir):  # a timed-out run must not leave its cluster behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    marker = f"harness-{uuid.uuid4().hex}"
+    proc = subprocess.run([sys.executable, "-m", "fedhosp", *args, "--data", str(pool), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, leftovers.MARKER: marker})
+    left = leftovers.ray_or_flower(marker)  # the moment the command has returned
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not left, left
     ray_run = json.loads((out / "results.json").read_text())

@@ -2,8 +2,10 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -11,17 +13,10 @@ import torch
 
 from common.data import split
 from server import checkpoint
+from tests import leftovers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SITES, ROUNDS = 3, 3
-
-
-def _ray_processes() -> list[str]:
-    """Live Ray processes. Exited workers whose parent (raylet) ended first can linger as
-    zombies (state Z) until the container's init reaps them: they run nothing and hold no memory."""
-    ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
-    live = [line.split(None, 1) for line in ps.splitlines() if line.strip() and not line.lstrip().startswith("Z")]
-    return [args for _, args in live if "raylet" in args or "ray::" in args or "gcs_server" in args]
 
 
 def _majority_rate(data_root, val_fraction, seed) -> float:
@@ -37,19 +32,20 @@ def _majority_rate(data_root, val_fraction, seed) -> float:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")
-    assert not _ray_processes(), "a Ray cluster is already running"
+    marker = f"simulate-{uuid.uuid4().hex}"
     proc = subprocess.run(
         [sys.executable, "-m", "fedhosp", "simulate", "--sites", str(SITES), "--rounds", str(ROUNDS),
          "--out", str(out), "--seed", "0", "--images-per-site", "500", "--epsilon", "16",
          "--run-config", "local-epochs=6"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env={**os.environ, leftovers.MARKER: marker},
     )
+    left = leftovers.ray_or_flower(marker)  # the moment the command has returned
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    return out, proc, left
 
 
 def test_dp_federation_learns(run):
-    out, _ = run
+    out, _, _ = run
     results = json.loads((out / "results.json").read_text())
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
@@ -60,7 +56,7 @@ def test_dp_federation_learns(run):
 
 
 def test_epsilon_is_reported_cumulative_and_within_target(run):
-    out, _ = run
+    out, _, _ = run
     results = json.loads((out / "results.json").read_text())
     eps = [r["epsilon_max"] for r in results["rounds"]]
     assert eps == sorted(eps) and eps[0] > 0
@@ -68,7 +64,7 @@ def test_epsilon_is_reported_cumulative_and_within_target(run):
 
 
 def test_outputs_progress_and_model(run):
-    out, proc = run
+    out, proc, _ = run
     round_lines = [line for line in proc.stderr.splitlines() if line.startswith("round ")]
     assert len(round_lines) == ROUNDS and "eps_max" in round_lines[-1]
     assert proc.stdout.strip().splitlines()[-1] == f"results: {out / 'results.json'}"
@@ -81,4 +77,4 @@ def test_outputs_progress_and_model(run):
 
 
 def test_no_ray_or_flower_process_left_behind(run):
-    assert not _ray_processes()
+    assert not run[2]
