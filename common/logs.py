@@ -12,12 +12,25 @@ import sys
 PACKAGES = ("common", "server", "client", "simulation", "fedhosp")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever `sys.stderr` is when a record is written, not when the handler was made:
+    whoever swaps stderr (pytest's capture, per test) would otherwise leave it writing to a closed file."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def ensure_console(level: int = logging.INFO) -> None:
     """Attach one stderr handler to each fedhosp package logger, once."""
     for name in PACKAGES:
         logger = logging.getLogger(name)
         if not any(getattr(h, "_fedhosp", False) for h in logger.handlers):
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _Stderr()
             handler.setFormatter(logging.Formatter("%(message)s"))
             handler._fedhosp = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
@@ -31,6 +44,6 @@ def quiet_root(level: int = logging.ERROR) -> None:
     Flower's logger propagates to the root logger, so Opacus's `basicConfig()` handler
     prints every Flower record (DEBUG included) a second time; ours shows only `level`+.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setLevel(level)
     logging.basicConfig(handlers=[handler], force=True)
