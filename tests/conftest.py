@@ -44,6 +44,33 @@ def _no_ray_or_flower_left(_session_marker):
     assert not alive, f"Ray / Flower processes outlived this test file: {alive}"
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What a `fedhosp ...` command left: the fields of subprocess.CompletedProcess the tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def fedhosp(capsys):
+    """`fedhosp ARGS` in this process: the console script's own main(), without a new Python importing
+    torch for every error message (test_cli.py keeps one real subprocess for the exit path)."""
+    from fedhosp.cli import main
+
+    def run(*args) -> Finished:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+        out = capsys.readouterr()
+        return Finished(int(code or 0), out.out, out.err)
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tests share 2 cores with each other's subprocesses; keep torch to one thread."""

@@ -1,4 +1,8 @@
-"""Bad input at the command line: one `error:` line naming the problem, exit 2, no traceback."""
+"""Bad input at the command line: one `error:` line naming the problem, exit 2, no traceback.
+
+The checks run `fedhosp.cli.main` in-process (the `fedhosp` fixture); one runs the real console
+entry point in a new Python, for the exit status and stderr a shell sees.
+"""
 
 import shutil
 import subprocess
@@ -7,11 +11,6 @@ import sys
 import pytest
 
 from fedhosp.cli import parse_run_config
-
-
-def fedhosp(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fedhosp", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
 
 
 def _assert_clean_error(proc, *fragments):
@@ -24,32 +23,34 @@ def _assert_clean_error(proc, *fragments):
         assert fragment in errors[0]
 
 
-def test_zero_sites(tmp_path):
-    _assert_clean_error(fedhosp("simulate", "--sites", "0", "--out", str(tmp_path)), "--sites = 0")
+def test_zero_sites_exits_2_from_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedhosp", "simulate", "--sites", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    _assert_clean_error(proc, "--sites = 0")
 
 
-def test_unknown_config_key(tmp_path):
+def test_unknown_config_key(fedhosp, tmp_path):
     proc = fedhosp("simulate", "--out", str(tmp_path), "--run-config", "learning-rat=0.1")
     _assert_clean_error(proc, "unknown setting 'learning-rat'", "did you mean 'learning-rate'")
 
 
-def test_out_of_range_value(tmp_path):
+def test_out_of_range_value(fedhosp, tmp_path):
     proc = fedhosp("simulate", "--out", str(tmp_path), "--epsilon", "-1")
     _assert_clean_error(proc, "dp-target-epsilon", "> 0")
 
 
-def test_missing_data_folder(tmp_path):
+def test_missing_data_folder(fedhosp, tmp_path):
     proc = fedhosp("simulate", "--sites", "2", "--out", str(tmp_path), "--data", str(tmp_path / "absent"))
     _assert_clean_error(proc, "site-000 does not exist")
 
 
-def test_empty_data_folder(tmp_path):
+def test_empty_data_folder(fedhosp, tmp_path):
     (tmp_path / "data" / "site-000").mkdir(parents=True)
     proc = fedhosp("simulate", "--sites", "1", "--out", str(tmp_path), "--data", str(tmp_path / "data"))
     _assert_clean_error(proc, "site-000 is empty")
 
 
-def test_manifest_naming_a_missing_file(hospitals, tmp_path):
+def test_manifest_naming_a_missing_file(fedhosp, hospitals, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(hospitals, data)
     (data / "site-001" / "img_00004.dcm").unlink()
@@ -57,7 +58,7 @@ def test_manifest_naming_a_missing_file(hospitals, tmp_path):
     _assert_clean_error(proc, "site-001", "labels.csv names 1 missing file(s): img_00004.dcm")
 
 
-def test_synth_writes_dicom_folders(tmp_path):
+def test_synth_writes_dicom_folders(fedhosp, tmp_path):
     proc = fedhosp("synth", "--sites", "2", "--out", str(tmp_path), "--seed", "1", "--images-per-site", "12")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site-000", "site-001"]

@@ -2,17 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def fedhosp(*args):
-    return subprocess.run([sys.executable, "-m", "fedhosp", *args], capture_output=True, text=True, timeout=300)
 
 
 def _site(root: Path) -> Path:
@@ -25,7 +19,7 @@ def _site(root: Path) -> Path:
     return root
 
 
-def test_inspect_prints_a_table_and_a_go_line(tmp_path):
+def test_inspect_prints_a_table_and_a_go_line(fedhosp, tmp_path):
     proc = fedhosp("inspect", str(_site(tmp_path / "site")))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -34,7 +28,7 @@ def test_inspect_prints_a_table_and_a_go_line(tmp_path):
     assert out.strip().splitlines()[-1].startswith("GO: 12 training image(s) from manifest labels.csv, 2 class(es)")
 
 
-def test_inspect_json(tmp_path):
+def test_inspect_json(fedhosp, tmp_path):
     proc = fedhosp("inspect", str(_site(tmp_path / "site")), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -43,7 +37,7 @@ def test_inspect_json(tmp_path):
     assert [u["file"] for u in report["unreadable"]] == ["broken.dcm"]
 
 
-def test_inspect_no_go_exits_1(tmp_path):
+def test_inspect_no_go_exits_1(fedhosp, tmp_path):
     site = _site(tmp_path / "site")
     (site / "labels.csv").unlink()
     proc = fedhosp("inspect", str(site))
@@ -51,7 +45,7 @@ def test_inspect_no_go_exits_1(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith(f"NO-GO: {site} holds none of the layouts")
 
 
-def test_inspect_a_missing_folder_is_an_error(tmp_path):
+def test_inspect_a_missing_folder_is_an_error(fedhosp, tmp_path):
     proc = fedhosp("inspect", str(tmp_path / "absent"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: {tmp_path / 'absent'} is not a folder" in proc.stderr
