@@ -1,6 +1,8 @@
 """The research harness: a pool split into sites, baselines, the test split, a reproducible report.
 
-In-process (no Ray): the same ServerApp loop and ClientApp; the engine is not the point here.
+The command runs once on Flower's engine (Ray), as a researcher runs it; the same settings run
+again in this process on the in-process engine must give the same numbers: random node ids,
+unseeded sampling and reply order under Ray change nothing, and the seed decides everything.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tests import leftovers
 PNG = b"\x89PNG\r\n\x1a\n"
 SITES = 3
 ARGS = ["simulate", "--sites", str(SITES), "--rounds", "2", "--partition", "dirichlet", "--alpha", "0.5",
-        "--scanner-shift", "--baselines", "--engine", "inprocess", "--seed", "4", "--epsilon", "16",
+        "--scanner-shift", "--baselines", "--seed", "4", "--epsilon", "16",
         "--run-config", "image-size=16 local-epochs=1 batch-size=16 dp-target-delta=1e-3"]
 
 
@@ -61,16 +63,20 @@ def pool(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_run(pool, tmp_path_factory):
-    """The whole command, as a researcher runs it."""
+    """The whole command on Flower's engine, as a researcher runs it."""
     out = tmp_path_factory.mktemp("cli")
-    proc = subprocess.run([sys.executable, "-m", "fedhosp", *ARGS, "--data", str(pool), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    marker = f"harness-{uuid.uuid4().hex}"
+    proc = subprocess.run([sys.executable, "-m", "fedhosp", *ARGS, "--engine", "ray", "--data", str(pool),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, leftovers.MARKER: marker})
+    left = leftovers.ray_or_flower(marker)  # the moment the command has returned
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not left, left
     return out, proc
 
 
 def _again(pool, out, *extra, baselines=True):
-    """The same command's settings, run in this process."""
+    """The same command's settings, run in this process on the in-process engine."""
     args = cli.build_parser().parse_args([*ARGS, "--data", str(pool), "--out", str(out), *extra])
     cfg = cli.simulate_config(args)
     opts = SimulationOptions(sites=SITES, synthesize=False, partition=PartitionOptions("dirichlet", 0.5, 1.0),
@@ -78,18 +84,26 @@ def _again(pool, out, *extra, baselines=True):
     return json.loads(report.write(out, cfg.to_mapping(), SITES, simulate(cfg, opts)).read_text())
 
 
-def test_same_seed_gives_identical_metrics_with_dp(cli_run, pool, tmp_path):
-    first = json.loads((cli_run[0] / "results.json").read_text())
-    assert first["config"]["dp-enabled"] and first["final"]["epsilon_max"] > 0
-    assert metrics(_again(pool, tmp_path / "again")) == metrics(first)
+@pytest.mark.integration
+@pytest.mark.slow
+def test_same_seed_gives_identical_metrics_with_dp_on_either_engine(cli_run, pool, tmp_path):
+    ray_run = json.loads((cli_run[0] / "results.json").read_text())
+    assert ray_run["config"]["dp-enabled"] and ray_run["final"]["epsilon_max"] > 0
+    assert ray_run["engine"]["kind"] == "ray" and ray_run["memory"]["peak-processes"] > 2
+    again = _again(pool, tmp_path / "again")
+    assert again["engine"]["kind"] == "inprocess"
+    assert metrics(again) == metrics(ray_run)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_another_seed_gives_other_metrics(cli_run, pool, tmp_path):
     first = json.loads((cli_run[0] / "results.json").read_text())
     other = _again(pool, tmp_path / "other", "--seed", "5", baselines=False)
     assert metrics(other)["rounds"] != metrics(first)["rounds"]
 
 
+@pytest.mark.integration
 def test_report_compares_federated_with_pooled_and_local_on_the_test_split(cli_run):
     out, proc = cli_run
     results = json.loads((out / "results.json").read_text())
@@ -112,6 +126,7 @@ def test_report_compares_federated_with_pooled_and_local_on_the_test_split(cli_r
     assert proc.stdout.strip().splitlines()[-1] == f"results: {out / 'results.json'}"
 
 
+@pytest.mark.integration
 def test_plots_are_pngs_and_show_the_baselines(cli_run, tmp_path):
     out, _ = cli_run
     for name in ("curves.png", "sites.png", "privacy.png"):
@@ -124,23 +139,6 @@ def test_plots_are_pngs_and_show_the_baselines(cli_run, tmp_path):
     assert (out / "curves.png").read_bytes() == (tmp_path / "with.png").read_bytes()
     report.plot_sites(results["site-scores"], tmp_path / "sites-only.png", "accuracy", None)
     assert (out / "sites.png").read_bytes() != (tmp_path / "sites-only.png").read_bytes()
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_flower_engine_gives_the_same_metrics_as_in_process(cli_run, pool, tmp_path):
-    """Random node ids, unseeded sampling and reply order under Ray change nothing: same seed, same numbers."""
-    out = tmp_path / "ray"
-    args = [a if a != "inprocess" else "ray" for a in ARGS]
-    marker = f"harness-{uuid.uuid4().hex}"
-    proc = subprocess.run([sys.executable, "-m", "fedhosp", *args, "--data", str(pool), "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, leftovers.MARKER: marker})
-    left = leftovers.ray_or_flower(marker)  # the moment the command has returned
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not left, left
-    ray_run = json.loads((out / "results.json").read_text())
-    assert ray_run["engine"]["kind"] == "ray" and ray_run["memory"]["peak-processes"] > 2
-    assert metrics(ray_run) == metrics(json.loads((cli_run[0] / "results.json").read_text()))
 
 
 def test_round_timeout_grows_with_the_waves_of_sites_unless_set():
