@@ -36,8 +36,11 @@ lock: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedhosp simulate --sites 5 --out runs/demo
 
+# The suite on both cores (pytest-xdist), one test file per worker at a time: a file's module fixtures
+# (each one simulation) run once, and one file's idle waits (Flower's heartbeat) overlap another's work.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
