@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common import interrupts
 from common.config import DEVICES, TASKS, RunConfig
 from common.data.partition import SCHEMES as PARTITION_SCHEMES
 from common.errors import ConfigError, FedhospError
@@ -52,9 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _interrupted() -> int:
-    """Exit status 130 after Ctrl-C, also when a thread would block the interpreter's exit: the simulated
-    ServerApp runs in Flower's non-daemon thread, waiting on replies that stop coming once the engine
-    is gone. Everything this command started has been stopped by then (process_tree.contained)."""
+    """Exit status 130 after Ctrl-C (or the SIGTERM `fedhosp server` / `client` turn into one), also when
+    a library's non-daemon thread would block the interpreter's exit. `simulate` does not get here: its
+    engine runs under common/interrupts.py, which ends it on the first Ctrl-C whatever Ray does."""
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         logging.shutdown()
         sys.stdout.flush()
@@ -215,7 +216,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     log.info("fedhosp simulate: %d sites, %d rounds, %s with %s, %s", args.sites, cfg.num_server_rounds, cfg.task,
              cfg.model, dp)
     started = time.monotonic()
-    extra = simulate(cfg, opts)
+    with interrupts.ctrl_c_ends("the simulation"):  # before the engine starts any thread
+        extra = simulate(cfg, opts)
     results = report.write(Path(cfg.out_dir), cfg.to_mapping(), args.sites,
                            {"seconds": round(time.monotonic() - started, 1), **extra})
     for line in report.summary_lines(results):
