@@ -154,6 +154,7 @@ def coordinator_up(opts: ServerOptions, echo: TextIO = sys.stdout) -> Iterator[t
     opts.flwr_home.mkdir(parents=True, exist_ok=True)
     (opts.flwr_home / "config.toml").write_text(flwr_config(opts))
     env = processes.flower_env(opts.flwr_home.resolve())
+    processes.show_env(env)  # every command below runs with it
     with _children() as children:
         superlink = processes.start("SuperLink", superlink_command(opts), opts.work / "superlink.log", env)
         children.append(superlink)

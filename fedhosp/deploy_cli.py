@@ -76,6 +76,8 @@ def add_deploy_commands(sub: Any) -> None:
     client.add_argument("--stock-waits", action="store_true",
                         help="run the SuperNode with Flower's own fixed waits (a 3 s sleep whenever it finds no "
                              "task: ~6 s a round) instead of fedhosp's shorter ones (common/flower_waits.py)")
+    client.add_argument("--dry-run", action="store_true",
+                        help="print the environment and every command this site would run, exactly, and start nothing")
     client.set_defaults(handler=cmd_client)
 
     audit = sub.add_parser("audit", help="a site's audit trail: every run it joined")
@@ -134,7 +136,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         hospital.join(hospital.ClientOptions(
             server=args.server, ca=args.ca, key=args.key, data=args.data, state=args.state, device=args.device,
             privacy_budget=args.privacy_budget, runtime_port=args.runtime_port, max_wait=args.max_wait,
-            warm=not args.stock_clientapp, short_waits=not args.stock_waits,
+            warm=not args.stock_clientapp, short_waits=not args.stock_waits, dry_run=args.dry_run,
         ))
     finally:
         processes.stop_strays()

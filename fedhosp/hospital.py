@@ -51,6 +51,7 @@ class ClientOptions:
     max_wait: float | None = None  # stop trying to reach the server after this many seconds (None: never)
     warm: bool = True  # tasks forked from a process that imported torch & co. once (fedhosp/warm_clientapp.py)
     short_waits: bool = True  # the SuperNode's fixed sleeps shortened (common/flower_waits.py)
+    dry_run: bool = False  # print what would run, start nothing
 
     @property
     def state_dir(self) -> Path:
@@ -120,10 +121,25 @@ def preflight_tls(opts: ClientOptions, timeout: float = 10.0) -> bool:
         return False
 
 
+def plan(opts: ClientOptions, home: Path, warm_dir: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The environment and the commands, in start order, that run this site: what `join` prints and runs.
+    With the zygote, its `flwr-clientapp` shim in `warm_dir` comes first on the SuperNode's PATH."""
+    env = processes.flower_env(home.resolve())
+    commands: dict[str, list[str]] = {}
+    if opts.warm:
+        socket_path = warm_dir / warm_clientapp.SOCKET_NAME
+        warm_clientapp.write_shim(warm_dir, socket_path)
+        env["PATH"] = str(warm_dir) + os.pathsep + env["PATH"]
+        commands["clientapp zygote"] = warm_clientapp.command(socket_path)
+    commands["SuperNode"] = launch_command(opts, supernode_command(opts))
+    return env, commands
+
+
 def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
-    """Run the SuperNode until it stops; raise SiteRefused with the reason if it was turned away."""
+    """Run the SuperNode until it stops; raise SiteRefused with the reason if it was turned away.
+    First print the environment and every command it starts, exactly (`--dry-run`: only that)."""
     check(opts)
-    if not preflight_tls(opts):
+    if not opts.dry_run and not preflight_tls(opts):
         print(f"{opts.server} does not answer yet; the SuperNode keeps trying", file=echo, flush=True)
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     home = opts.state_dir / "flwr-home"
@@ -132,18 +148,14 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
     pumps: list[threading.Thread] = []
     with processes.stopping_on_sigterm(), open(log_path, "a") as full, \
             tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:  # 0700; a short UNIX socket path
-        env = processes.flower_env(home.resolve())
-        children: list[processes.Child] = []
-        if opts.warm:
-            socket_path = Path(warm_dir) / warm_clientapp.SOCKET_NAME
-            warm_clientapp.write_shim(Path(warm_dir), socket_path)
-            env["PATH"] = warm_dir + os.pathsep + env["PATH"]
-            children.append(_start("clientapp zygote", warm_clientapp.command(socket_path), env, log_path, full,
-                                   echo, lines, pumps))
-        cmd = supernode_command(opts)
-        processes.show(cmd)
-        supernode = _start("SuperNode", launch_command(opts, cmd), env, log_path, full, echo, lines, pumps)
-        children.append(supernode)
+        env, commands = plan(opts, home, Path(warm_dir))
+        processes.show_env(env)
+        for cmd in commands.values():
+            processes.show(cmd)
+        if opts.dry_run:
+            return
+        children = [_start(name, cmd, env, log_path, full, echo, lines, pumps) for name, cmd in commands.items()]
+        supernode = children[-1]
         try:
             # Wait for the SuperNode itself, not for end of output: its SuperExec inherits the pipe
             # and may outlive it. Track its children while it lives, to stop them all afterwards.

@@ -76,6 +76,17 @@ def show(cmd: Sequence[str]) -> None:
     print("$ " + shlex.join(cmd), flush=True)
 
 
+def show_env(env: Mapping[str, str]) -> None:
+    """Print what `env` sets, changes or drops against this process's own environment, as shell lines:
+    followed by the commands `show` prints, the transcript is exactly what runs."""
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    dropped = sorted(k for k in os.environ if k not in env)
+    if changed:
+        print("$ export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())), flush=True)
+    if dropped:
+        print("$ unset " + " ".join(dropped), flush=True)
+
+
 def start(name: str, cmd: Sequence[str], log: Path, env: Mapping[str, str]) -> Child:
     show(cmd)
     log.parent.mkdir(parents=True, exist_ok=True)
