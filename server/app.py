@@ -118,6 +118,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
     started = time.monotonic()
     result = RoundResult(0)
     for server_round in range(first, cfg.num_server_rounds + 1):
+        grid.wait_for_sites()
         try:
             arrays, result = play_round(grid, strategy, arrays, cfg, server_round)
         except BudgetsSpent as stop:

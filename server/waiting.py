@@ -50,5 +50,13 @@ class WaitingGrid:
             )
         return nodes
 
+    def wait_for_sites(self, poll: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> list[int]:
+        """Return once `minimum` sites are connected (SitesUnavailable past the deadline). Before every
+        round: Flower's strategies size their sample from the node count *before* their own wait for
+        `min_available_nodes`, so a site that connects during that wait would sit the round out."""
+        while len(nodes := list(self.get_node_ids())) < self.minimum:
+            sleep(poll)
+        return nodes
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
@@ -132,6 +132,26 @@ def test_waiting_grid_resets_its_clock_when_enough_sites_are_back():
     now[0] = 26
     with pytest.raises(SitesUnavailable):
         grid.get_node_ids()
+
+
+@pytest.mark.parametrize("wait_first", [True, False])
+def test_a_site_that_connects_while_the_round_waits_for_it_is_sampled(tmp_path, wait_first):
+    """Flower's FedAvg sizes its sample from the node count before it waits for min_available_nodes:
+    without the server's own wait first, the third hospital connects during that wait and sits out."""
+    calls = []
+
+    class Connecting:
+        def get_node_ids(self):
+            calls.append(None)
+            return [1, 2, 3] if len(calls) > 2 else [1, 2]
+
+    grid = WaitingGrid(Connecting(), minimum=3, wait=60)
+    strategy = build_strategy(_cfg(tmp_path, min_available_sites=3))
+    if wait_first:
+        assert grid.wait_for_sites(sleep=lambda _s: None) == [1, 2, 3]
+    arrays = ArrayRecord(torch_state_dict={"w": torch.zeros(2)})
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    assert len(sent) == (3 if wait_first else 2)
 
 
 def _runlog(out):
