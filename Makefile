@@ -38,9 +38,10 @@ demo: $(STAMP)
 
 # The suite on both cores (pytest-xdist), one test file per worker at a time: a file's module fixtures
 # (each one simulation) run once, and one file's idle waits (Flower's heartbeat) overlap another's work.
+# The ten slowest tests close the report: where the suite's time goes, in every CI log.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
