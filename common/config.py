@@ -9,7 +9,10 @@ The defaults here equal `[tool.flwr.app.config]` in pyproject.toml (a test check
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import shlex
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +26,18 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedia
               "bulyan", "scaffold")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_DP = ("off", "fixed", "adaptive")
+
+
+# What a task brings to a run that leaves these settings unset ("" or 0 in pyproject.toml, which has no
+# null): its model, and the local schedule measured to reach the docs' figures under DP (segmentation
+# needs more local epochs and a larger step). Resolved in RunConfig itself, so `fedhosp simulate --task`,
+# `fedhosp server` and `flwr run . --run-config "task='segmentation'"` all get the same run.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {"model": "cnn", "learning_rate": 0.05, "local_epochs": 3},
+    "segmentation": {"model": "unet", "learning_rate": 0.1, "local_epochs": 6},
+}
+# round-timeout left unset (0): this in deployment; simulation scales it to its waves of sites.
+ROUND_TIMEOUT_S = 600.0
 
 
 def _positive(v: float) -> bool:
@@ -47,7 +62,7 @@ class RunConfig:
 
     num_server_rounds: int = _spec(8, lambda v: v >= 1, "an integer >= 1")
     task: str = _spec("classification", lambda v: v in TASKS, " | ".join(TASKS))
-    model: str = _spec("cnn")  # checked against the model registry by the caller
+    model: str = _spec("")  # "": the task's (TASK_DEFAULTS); checked against the model registry by the caller
     image_size: int = _spec(32, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]")
     num_classes: int = _spec(2, lambda v: v >= 2, "an integer >= 2")
     strategy: str = _spec("fedavg", lambda v: v in STRATEGIES, " | ".join(STRATEGIES))
@@ -65,7 +80,8 @@ class RunConfig:
     fraction_train: float = _spec(1.0, _fraction, "a number in (0, 1]")
     fraction_evaluate: float = _spec(1.0, _fraction, "a number in (0, 1]")
     min_available_sites: int = _spec(2, lambda v: v >= 1, "an integer >= 1")
-    round_timeout: float = _spec(600.0, _positive, "seconds > 0")
+    # 0: not set, the engine decides (ROUND_TIMEOUT_S; simulation scales it); read it as round_timeout_s.
+    round_timeout: float = _spec(0.0, lambda v: v >= 0, "seconds > 0 (0: the engine's default)")
     # How long the server waits for min-available-sites sites before it gives up (server/waiting.py).
     site_wait: float = _spec(300.0, _positive, "seconds > 0")
     # Continue a stopped run from checkpoint-last.pt in out-dir at the next round (server/resume.py).
@@ -73,9 +89,9 @@ class RunConfig:
     # The run's name in the sites' privacy ledgers: set by the server to Flower's run id, and kept
     # across --resume, so ε per run keeps adding up over the rounds before and after the restart.
     run_name: str = _spec("")
-    local_epochs: int = _spec(3, lambda v: v >= 1, "an integer >= 1")
+    local_epochs: int = _spec(0, lambda v: v >= 0, "an integer >= 1 (0: the task's)")
     batch_size: int = _spec(64, lambda v: v >= 1, "an integer >= 1")
-    learning_rate: float = _spec(0.05, _positive, "a number > 0")
+    learning_rate: float = _spec(0.0, lambda v: v >= 0, "a number > 0 (0: the task's)")
     momentum: float = _spec(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
     dp_enabled: bool = _spec(True)
     dp_target_epsilon: float = _spec(8.0, _positive, "a number > 0")
@@ -96,6 +112,16 @@ class RunConfig:
     client_threads: int = _spec(1, lambda v: v >= 0, "an integer >= 0 (0: torch's default)")
     # float16: sites send their update in half precision, half the bytes (common/transport.py).
     update_dtype: str = _spec("float32", lambda v: v in UPDATE_DTYPES, " | ".join(UPDATE_DTYPES))
+
+    def __post_init__(self) -> None:
+        """Settings left unset take the task's values: every RunConfig holds the values a run uses."""
+        for name, value in TASK_DEFAULTS.get(self.task, {}).items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, value)
+
+    @property
+    def round_timeout_s(self) -> float:
+        return self.round_timeout or ROUND_TIMEOUT_S
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -132,6 +158,39 @@ class SiteConfig:
         if not site.state_dir:
             raise ConfigError("site setting 'state-dir' is missing: pass a folder for the site's state")
         return site
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """`--run-config` for every command: `"a=1 b='two words' c=x"` -> {"a": 1, "b": "two words", "c": "x"}.
+    Each value is read as a TOML value (Flower's syntax: numbers, true/false, quoted strings), or else
+    as a bare word, so `task=segmentation` and `task='segmentation'` mean the same everywhere."""
+    pairs: dict[str, Any] = {}
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"--run-config {text!r}: {exc}") from None
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--run-config entry {token!r} is not KEY=VALUE")
+        pairs[key.strip()] = _toml_or_word(value.strip())
+    return pairs
+
+
+def to_toml(value: Any) -> str:
+    """One value as Flower's `--run-config` reads it (TOML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def _toml_or_word(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def site_name(partition_id: int) -> str:

@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 import threading
 import time
@@ -18,20 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from common import interrupts
-from common.config import DEVICES, TASKS, RunConfig
+from common.config import DEVICES, TASKS, RunConfig, parse_overrides
 from common.data.partition import SCHEMES as PARTITION_SCHEMES
 from common.errors import ConfigError, FedhospError
 from common.logs import ensure_console
 from fedhosp.deploy_cli import add_deploy_commands
 
 log = logging.getLogger(__name__)
-
-# What `--task` switches besides the task: its model, and the local schedule measured to reach
-# the README's figures under DP (segmentation needs more local epochs and a larger step).
-TASK_PRESETS: dict[str, dict[str, Any]] = {
-    "classification": {"task": "classification", "model": "cnn"},
-    "segmentation": {"task": "segmentation", "model": "unet", "learning-rate": 0.1, "local-epochs": 6},
-}
 
 # No telemetry and no update check from Flower: hospitals are often air-gapped.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -137,17 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_run_config(text: str) -> dict[str, str]:
-    """`"a=1 b='x'"` -> {"a": "1", "b": "x"}: Flower's --run-config syntax, values typed later."""
-    pairs = {}
-    for token in shlex.split(text):
-        key, sep, value = token.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--run-config entry {token!r} is not KEY=VALUE")
-        pairs[key.strip()] = value.strip()
-    return pairs
-
-
 def cmd_synth(args: argparse.Namespace) -> int:
     from common.data.synthetic import write_hospitals
 
@@ -167,8 +148,8 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         "state-root": str(out / "sites"),
         "min-available-sites": max(args.sites, 1),
     }
-    if args.task is not None:
-        values.update(TASK_PRESETS[args.task])
+    if args.task is not None:  # its model and schedule follow (common/config.py TASK_DEFAULTS)
+        values["task"] = args.task
     if args.rounds is not None:
         values["num-server-rounds"] = args.rounds
     if args.no_dp:
@@ -177,9 +158,8 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         values["dp-target-epsilon"] = args.epsilon
     if args.seed is not None:
         values["seed"] = args.seed
-    values.update(parse_run_config(args.run_config))
-    defaults = RunConfig().to_mapping()
-    return RunConfig.from_mapping({**defaults, **values})
+    values.update(parse_overrides(args.run_config))
+    return RunConfig.from_mapping(values)  # what is not set here takes RunConfig's (and the task's) defaults
 
 
 def splits_pool(args: argparse.Namespace) -> bool:

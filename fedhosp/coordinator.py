@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from common.config import to_toml
 from common.errors import ConfigError, FedhospError
 from fedhosp import fleet_proxy, processes
 from fedhosp.certs import ServerCerts
@@ -50,7 +51,7 @@ class ServerOptions:
     resume: bool = False
     listen: str = "0.0.0.0:9092"  # the hospitals' address: Fleet API only (through nginx)
     control_port: int = 9093  # the SuperLink itself, on loopback: Fleet, Control and Runtime APIs
-    run_config: Mapping[str, str] = field(default_factory=dict)  # KEY=TOML-VALUE, as `flwr run --run-config`
+    run_config: Mapping[str, Any] = field(default_factory=dict)  # typed values (common/config.py parse_overrides)
     nginx: str | None = None
     start_timeout: float = 90.0
 
@@ -112,14 +113,13 @@ def register_command(name: str, key: Path) -> list[str]:
     return ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name]
 
 
-def run_config(opts: ServerOptions) -> dict[str, str]:
-    values = {"num-server-rounds": str(opts.rounds), "out-dir": json.dumps(str(opts.out.resolve())),
-              "resume": "true" if opts.resume else "false"}
+def run_config(opts: ServerOptions) -> dict[str, Any]:
+    values = {"num-server-rounds": opts.rounds, "out-dir": str(opts.out.resolve()), "resume": opts.resume}
     return {**values, **opts.run_config}
 
 
 def run_command(opts: ServerOptions) -> list[str]:
-    pairs = " ".join(f"{k}={v}" for k, v in run_config(opts).items())
+    pairs = " ".join(f"{k}={to_toml(v)}" for k, v in run_config(opts).items())
     return ["flwr", "run", str(opts.app.resolve()), CONNECTION, "--stream", "--run-config", pairs]
 
 

@@ -107,14 +107,14 @@ def cmd_certs_site(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from common.config import parse_overrides
     from fedhosp import coordinator, processes
-    from fedhosp.cli import parse_run_config
 
-    extra = parse_run_config(args.run_config)
+    extra = parse_overrides(args.run_config)
     for key, value in (("min-available-sites", args.min_sites), ("site-wait", args.site_wait),
                        ("round-timeout", args.round_timeout)):
         if value is not None:
-            extra[key] = str(value)
+            extra[key] = value
     opts = coordinator.ServerOptions(
         certs=args.certs, sites=args.sites, rounds=args.rounds, out=args.out, app=args.app or _source_root(),
         resume=args.resume, listen=args.listen, control_port=args.control_port, run_config=extra, nginx=args.nginx,

@@ -223,7 +223,7 @@ def client_epsilon(strategy: Strategy, cfg: RunConfig, server_round: int) -> flo
 
 
 def _send(grid: Grid, messages, cfg: RunConfig) -> list[Message]:
-    return list(grid.send_and_receive(messages=messages, timeout=cfg.round_timeout))
+    return list(grid.send_and_receive(messages=messages, timeout=cfg.round_timeout_s))
 
 
 def progress_line(result: RoundResult, rounds: int, elapsed: float) -> str:

@@ -139,7 +139,7 @@ def simulate(cfg: RunConfig, opts: SimulationOptions) -> dict[str, Any]:
         central = CentralEvaluation(cfg, test) if test is not None else None
 
         def wrap(grid):
-            return CanonicalGrid(grid, cfg.seed, out, central, cfg.round_timeout)
+            return CanonicalGrid(grid, cfg.seed, out, central, cfg.round_timeout_s)
 
         if opts.engine == "inprocess":
             from simulation.inprocess import run_inprocess
@@ -159,14 +159,14 @@ SECONDS_PER_WAVE = 120  # a round's time budget per wave of concurrent sites (a 
 
 
 def with_round_timeout(cfg: RunConfig, opts: SimulationOptions) -> RunConfig:
-    """The default round-timeout (meant for real sites answering in parallel) scaled to the sites the
+    """An unset round-timeout (meant for real sites answering in parallel) scaled to the sites the
     engine trains one wave after another: 100 virtual sites on 2 cores are 50 waves, and a site that
-    misses the timeout drops out of the round. A round-timeout the user set is kept."""
-    if cfg.round_timeout != RunConfig().round_timeout:
+    misses the timeout drops out of the round. A round-timeout the user set is kept, whatever its value."""
+    if cfg.round_timeout:
         return cfg
     waves = math.ceil(opts.sites / _concurrency(opts))
     needed = float(SECONDS_PER_WAVE * waves)
-    if needed <= cfg.round_timeout:
+    if needed <= cfg.round_timeout_s:
         return cfg
     log.info("round-timeout %gs for %d sites, %d at a time (set round-timeout to change it)", needed, opts.sites,
              _concurrency(opts))

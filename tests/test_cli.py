@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from fedhosp.cli import parse_run_config
+from common.config import parse_overrides
+from common.errors import ConfigError
 
 
 def _assert_clean_error(proc, *fragments):
@@ -66,7 +67,22 @@ def test_synth_writes_dicom_folders(fedhosp, tmp_path):
     assert len(list((tmp_path / "site-001").glob("*.dcm"))) > 0
 
 
-def test_run_config_syntax():
-    assert parse_run_config("a=1 b='two words' c=x") == {"a": "1", "b": "two words", "c": "x"}
-    with pytest.raises(Exception, match="not KEY=VALUE"):
-        parse_run_config("novalue")
+def test_run_config_syntax_is_one_for_every_command():
+    assert parse_overrides("a=1 b='two words' c=x d=0.5 e=true f='seg'") == {
+        "a": 1, "b": "two words", "c": "x", "d": 0.5, "e": True, "f": "seg"}
+    assert parse_overrides("task=segmentation") == parse_overrides("task='segmentation'")
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_overrides("novalue")
+    with pytest.raises(ConfigError, match="--run-config"):
+        parse_overrides("a='unclosed")
+
+
+def test_simulate_and_server_read_task_the_same_way(fedhosp, tmp_path):
+    """`--task segmentation`, and task='segmentation' in --run-config, both bring the task's model and schedule."""
+    from fedhosp.cli import build_parser, simulate_config
+
+    parse = build_parser().parse_args
+    by_flag = simulate_config(parse(["simulate", "--task", "segmentation", "--out", str(tmp_path)]))
+    by_config = simulate_config(parse(["simulate", "--run-config", "task=segmentation", "--out", str(tmp_path)]))
+    assert by_flag == by_config
+    assert (by_flag.model, by_flag.learning_rate, by_flag.local_epochs) == ("unet", 0.1, 6)

@@ -53,3 +53,21 @@ def test_site_config_needs_a_data_path():
         SiteConfig.from_mapping({"state-dir": "/tmp/x"})
     site = SiteConfig.from_mapping({"data-path": "/d", "state-dir": "/s", "device": "cpu"})
     assert site.device == "cpu"
+
+
+def test_a_task_brings_its_model_and_schedule_unless_they_are_set():
+    """What `flwr run . --run-config "task='segmentation'"` hands the apps: pyproject's defaults, fused."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        declared = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    seg = RunConfig.from_mapping({**declared, "task": "segmentation"})
+    assert (seg.model, seg.learning_rate, seg.local_epochs) == ("unet", 0.1, 6)
+    cls = RunConfig.from_mapping(declared)
+    assert (cls.model, cls.learning_rate, cls.local_epochs) == ("cnn", 0.05, 3)
+    chosen = RunConfig.from_mapping({**declared, "task": "segmentation", "learning-rate": 0.05, "local-epochs": 3})
+    assert (chosen.learning_rate, chosen.local_epochs) == (0.05, 3)  # set, even to classification's values
+    assert RunConfig.from_mapping(seg.to_mapping()) == seg  # the sites get the resolved values
+
+
+def test_an_unset_round_timeout_is_none_of_the_values_a_user_can_set():
+    assert RunConfig().round_timeout == 0 and RunConfig().round_timeout_s == 600
+    assert RunConfig(round_timeout=600).round_timeout == 600  # set: the engine keeps it

@@ -1,6 +1,7 @@
 """The Flower commands `fedhosp server` / `fedhosp client` build, checked against the installed Flower's parsers."""
 
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,11 @@ from fedhosp import certs, coordinator, fleet_proxy, hospital
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _declared() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
 @pytest.fixture
 def server_opts(tmp_path):
     certs.init(tmp_path / "certs", ["fl.example.org"])
@@ -23,7 +29,7 @@ def server_opts(tmp_path):
     (tmp_path / "sites" / "hosp-a.pub").write_bytes((tmp_path / "hosp-a" / "hosp-a.pub").read_bytes())
     return coordinator.ServerOptions(certs=tmp_path / "certs", sites=tmp_path / "sites", rounds=3,
                                      out=tmp_path / "run dir", app=ROOT, control_port=9100,
-                                     run_config={"local-epochs": "1", "model": '"cnn"'})
+                                     run_config={"local-epochs": 1, "task": "segmentation"})
 
 
 def test_superlink_runs_with_tls_node_auth_no_installs_on_loopback(server_opts):
@@ -39,8 +45,11 @@ def test_flwr_run_gets_our_settings_as_a_valid_run_config(server_opts):
     cmd = coordinator.run_command(server_opts)
     assert cmd[:5] == ["flwr", "run", str(ROOT), coordinator.CONNECTION, "--stream"]
     values = parse_config_args([cmd[cmd.index("--run-config") + 1]])
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), **values})
+    declared = _declared()  # what `flwr run` fuses the overrides into: pyproject's own defaults
+    assert set(values) <= set(declared)
+    cfg = RunConfig.from_mapping({**declared, **values})
     assert (cfg.num_server_rounds, cfg.local_epochs, cfg.resume) == (3, 1, False)
+    assert (cfg.task, cfg.model, cfg.learning_rate) == ("segmentation", "unet", 0.1)  # the task's, as in simulate
     assert cfg.out_dir == str((server_opts.out).resolve())
     config = coordinator.flwr_config(server_opts)
     assert 'address = "127.0.0.1:9100"' in config and "ca.crt" in config

@@ -142,11 +142,12 @@ def test_plots_are_pngs_and_show_the_baselines(cli_run, tmp_path):
 
 
 def test_round_timeout_grows_with_the_waves_of_sites_unless_set():
-    from common.config import RunConfig
+    from common.config import ROUND_TIMEOUT_S, RunConfig
     from simulation.run import SECONDS_PER_WAVE, with_round_timeout
 
     many = SimulationOptions(sites=100, cpus_per_site=1.0)
     scaled = with_round_timeout(RunConfig(), many)
     assert scaled.round_timeout >= SECONDS_PER_WAVE * 100 / (os.cpu_count() or 1)
     assert with_round_timeout(RunConfig(round_timeout=30.0), many).round_timeout == 30.0
-    assert with_round_timeout(RunConfig(), SimulationOptions(sites=2)).round_timeout == RunConfig().round_timeout
+    assert with_round_timeout(RunConfig(round_timeout=ROUND_TIMEOUT_S), many).round_timeout == ROUND_TIMEOUT_S  # set
+    assert with_round_timeout(RunConfig(), SimulationOptions(sites=2)).round_timeout_s == ROUND_TIMEOUT_S
