@@ -53,7 +53,13 @@ def _watch(what: str, done: threading.Event, grace: float) -> None:
     print(f"interrupted: stopping {what}", file=sys.stderr, flush=True)
     logging.disable(logging.CRITICAL)  # the engine's threads lose their workers now: no tracebacks for that
     process_tree.end(process_tree.descendants(os.getpid()), grace)
+    exit_now()
+
+
+def exit_now(status: int = EXIT_STATUS) -> None:
+    """Leave with `status` at once, logs and output flushed: neither another thread still inside a
+    library nor a non-daemon one that would never finish may keep the command alive."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_STATUS)
+    os._exit(status)

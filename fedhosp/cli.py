@@ -49,11 +49,8 @@ def _interrupted() -> int:
     a library's non-daemon thread would block the interpreter's exit. `simulate` does not get here: its
     engine runs under common/interrupts.py, which ends it on the first Ctrl-C whatever Ray does."""
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    return 130
+        interrupts.exit_now()
+    return interrupts.EXIT_STATUS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -139,21 +139,21 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
     """Run the SuperNode until it stops; raise SiteRefused with the reason if it was turned away.
     First print the environment and every command it starts, exactly (`--dry-run`: only that)."""
     check(opts)
-    if not opts.dry_run and not preflight_tls(opts):
+    home = opts.state_dir / "flwr-home"
+    if opts.dry_run:  # touches nothing of the site's
+        with tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:
+            _show(*plan(opts, home, Path(warm_dir)))
+        return
+    if not preflight_tls(opts):
         print(f"{opts.server} does not answer yet; the SuperNode keeps trying", file=echo, flush=True)
     opts.state_dir.mkdir(parents=True, exist_ok=True)
-    home = opts.state_dir / "flwr-home"
     log_path = opts.state_dir / "supernode.log"
     lines: list[str] = []
     pumps: list[threading.Thread] = []
     with processes.stopping_on_sigterm(), open(log_path, "a") as full, \
             tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:  # 0700; a short UNIX socket path
         env, commands = plan(opts, home, Path(warm_dir))
-        processes.show_env(env)
-        for cmd in commands.values():
-            processes.show(cmd)
-        if opts.dry_run:
-            return
+        _show(env, commands)
         children = [_start(name, cmd, env, log_path, full, echo, lines, pumps) for name, cmd in commands.items()]
         supernode = children[-1]
         try:
@@ -174,6 +174,12 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
                           f"{opts.key.with_suffix('.pub').name} to the coordinator (fedhosp server --sites)")
     if supernode.popen.returncode not in (0, None, -2, 130):
         raise SiteRefused(f"the SuperNode stopped with status {supernode.popen.returncode}; see {log_path}")
+
+
+def _show(env: dict[str, str], commands: dict[str, list[str]]) -> None:
+    processes.show_env(env)
+    for cmd in commands.values():
+        processes.show(cmd)
 
 
 def _start(name: str, cmd: list[str], env: dict[str, str], log_path: Path, full: TextIO, echo: TextIO,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +34,12 @@ def _session_marker():
 def _no_ray_or_flower_left(_session_marker):
     """After each test file (its module fixtures stopped): no Ray or Flower process it started is alive."""
     yield
-    deadline = time.monotonic() + LEFTOVER_WAIT_S
-    while (alive := leftovers.ray_or_flower(_session_marker)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for proc in leftovers.marked(_session_marker):
-        if any(name in leftovers.command(proc) for name in leftovers.NAMES):
-            process_tree.send(proc, signal.SIGKILL)
-    assert not alive, f"Ray / Flower processes outlived this test file: {alive}"
+    ours = [p for p in leftovers.marked(_session_marker) if any(n in leftovers.command(p) for n in leftovers.NAMES)]
+    alive = process_tree.wait_gone(ours, LEFTOVER_WAIT_S)
+    names = [leftovers.command(p) for p in alive]
+    for proc in alive:
+        process_tree.send(proc, signal.SIGKILL)
+    assert not alive, f"Ray / Flower processes outlived this test file: {names}"
 
 
 @dataclass(frozen=True)

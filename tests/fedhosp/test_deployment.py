@@ -60,12 +60,10 @@ def deployment(tmp_path):
     for proc in started:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while leftovers.marked(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = leftovers.marked(marker)
+    left = process_tree.wait_gone(leftovers.marked(marker), 30)
+    names = [leftovers.command(p) for p in left]
     process_tree.end(left, grace=1.0)
-    assert not left, f"Flower processes outlived the test: {[leftovers.command(p) for p in left]}"
+    assert not left, f"Flower processes outlived the test: {names}"
 
 
 def test_three_hospitals_stop_resume_and_a_dropout(deployment):

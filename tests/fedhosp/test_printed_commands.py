@@ -62,11 +62,10 @@ def test_the_printed_environment_and_commands_are_the_ones_started(site, started
 
 
 def test_dry_run_prints_the_same_and_starts_nothing(site, started, capsys):
-    hospital.join(site)
-    real = capsys.readouterr().out
-    started.clear()
     hospital.join(hospital.ClientOptions(**{**site.__dict__, "dry_run": True}))
     dry = capsys.readouterr().out
-    assert not started
+    assert not started and not site.state_dir.exists()  # nothing started, nothing of the site's written
+    hospital.join(site)
+    real = capsys.readouterr().out
     warm_dirs = [os.path.dirname(_replay(out)[1][0][-1]) for out in (real, dry)]  # a fresh private folder each
     assert _replay(dry.replace(warm_dirs[1], warm_dirs[0])) == _replay(real)
