@@ -2,7 +2,7 @@
 
 Bytes are Flower's own encoding of each message as it crosses Flower's wire in deployment (the
 sum of its deflated objects: message, records, arrays, array chunks; its ArrayRecords packed
-into one array each, as the ServerApp and ClientApp send them, common/packing.py), counted on
+into one array each, as the ServerApp and ClientApp send them, common/flower_compat/packing.py), counted on
 the grid between the ServerApp and the real ClientApp, for one round of the default model: down
 (train and evaluate requests: the global weights and the run config, twice) and up (the update,
 then the evaluation metrics). TLS and HTTP framing are not counted. The cost of `update-dtype =
@@ -29,8 +29,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from bench import hospitals
-from common import packing
 from common.config import RunConfig
+from common.flower_compat import packing
 from simulation.inprocess import run_inprocess
 
 

@@ -6,7 +6,7 @@ with `flwr run`. Then the same sites, data, settings and rounds run in Flower's 
 engine (Ray). Round times are the ServerApp's own (train + evaluate, as in the run log).
 Flower starts a `flwr-clientapp` process for every message; `fedhosp client` forks it from
 a zygote that imported torch & co. once (fedhosp/warm_clientapp.py), and shortens the
-SuperNode's fixed sleeps (common/flower_waits.py). The deployment runs twice: as
+SuperNode's fixed sleeps (common/flower_compat/waits.py). The deployment runs twice: as
 `fedhosp client` runs it, and with `--stock-clientapp --stock-waits` (the hospitals' side
 as Flower ships it; a fresh interpreter per message, whose import cost is timed apart),
 so the table shows what both buy on the same run. Each site's log times every line, so

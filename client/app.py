@@ -19,9 +19,10 @@ from flwr.clientapp import ClientApp
 
 from client import audit, local_state
 from client.site import Site, site_from_context
-from common import drift, packing, transport
+from common import drift, transport
 from common.config import RunConfig
 from common.errors import PrivacyBudgetExceeded
+from common.flower_compat import packing
 from common.protocol import BUDGET_SPENT, STATUS
 from common.protocol import SCAFFOLD_CONTROL as CONTROL
 from common.protocol import SCAFFOLD_DELTA as DELTA

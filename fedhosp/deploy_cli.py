@@ -75,7 +75,7 @@ def add_deploy_commands(sub: Any) -> None:
                              "each time: ~10 s a message) instead of forking it from one that imported them once")
     client.add_argument("--stock-waits", action="store_true",
                         help="run the SuperNode with Flower's own fixed waits (a 3 s sleep whenever it finds no "
-                             "task: ~6 s a round) instead of fedhosp's shorter ones (common/flower_waits.py)")
+                             "task: ~6 s a round) instead of fedhosp's shorter ones (common/flower_compat/waits.py)")
     client.add_argument("--dry-run", action="store_true",
                         help="print the environment and every command this site would run, exactly, and start nothing")
     client.set_defaults(handler=cmd_client)

@@ -26,9 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from common import flower_waits
 from common.config import DEVICES
 from common.errors import ConfigError, FedhospError
+from common.flower_compat import waits as flower_waits
 from fedhosp import processes, warm_clientapp
 
 REFUSED_KEY = "Failed to activate SuperNode"  # Flower's words when the SuperLink does not know the key
@@ -50,7 +50,7 @@ class ClientOptions:
     runtime_port: int = 9094  # the SuperNode's own Runtime API, on 127.0.0.1
     max_wait: float | None = None  # stop trying to reach the server after this many seconds (None: never)
     warm: bool = True  # tasks forked from a process that imported torch & co. once (fedhosp/warm_clientapp.py)
-    short_waits: bool = True  # the SuperNode's fixed sleeps shortened (common/flower_waits.py)
+    short_waits: bool = True  # the SuperNode's fixed sleeps shortened (common/flower_compat/waits.py)
     dry_run: bool = False  # print what would run, start nothing
 
     @property
@@ -80,7 +80,7 @@ def supernode_command(opts: ClientOptions) -> list[str]:
 
 
 def launch_command(opts: ClientOptions, cmd: list[str]) -> list[str]:
-    """How `cmd` (Flower's `flower-supernode ...`) is started: behind common/flower_waits.py unless --stock-waits."""
+    """How `cmd` (Flower's `flower-supernode ...`) is started: behind flower_compat/waits.py unless --stock-waits."""
     return flower_waits.supernode_command(cmd) if opts.short_waits else cmd
 
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import flower_waits
+from common.flower_compat import waits as flower_waits
 
 OURS = frozenset({"client", "common", "server", "simulation", "fedhosp", "bench", "tests"})
 # What a task imports: Flower's entry point, our app (torch, Opacus, pydicom), the metrics' libraries.

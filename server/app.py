@@ -20,16 +20,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from common import flower_waits, privacy, transport
+from common import privacy, transport
 from common.config import RunConfig
 from common.errors import FedhospError
+from common.flower_compat import waits as flower_waits
+from common.flower_compat.packed_grid import PackedGrid
+from common.flower_compat.polling import PromptGrid
 from common.logs import ensure_console
 from common.models import build_model
 from common.protocol import STATUS
 from common.weights import plain_state_dict
 from server import checkpoint, resume, runlog, validation
-from server.packed_grid import PackedGrid
-from server.polling import PromptGrid
 from server.strategies import build_strategy
 from server.waiting import WaitingGrid
 

@@ -6,10 +6,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import packing
+from common.flower_compat import packing
+from common.flower_compat.packed_grid import PackedGrid
 from common.models import build_model
 from common.weights import plain_state_dict
-from server.packed_grid import PackedGrid
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The server's side of common/packing.py: what it pushes goes out packed, what it pulls comes back unpacked.
+"""The server's side of packing.py: what it pushes goes out packed, what it pulls comes back unpacked.
 
 Wrapped directly around Flower's grid in `server.app.make_app` (under polling and waiting), so
 the strategies, validation, checkpoints and any grid a caller of `run` puts in front
@@ -13,7 +13,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from common.packing import pack_content, unpack_content
+from common.flower_compat.packing import pack_content, unpack_content
 
 
 class PackedGrid:

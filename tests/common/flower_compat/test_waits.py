@@ -11,10 +11,10 @@ import pytest
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-from common import flower_waits
+from common.flower_compat import waits as flower_waits
 from fedhosp import hospital
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_the_site_starts_flowers_own_supernode_behind_the_shorter_waits(tmp_path
                                   data=tmp_path)
     cmd = hospital.supernode_command(opts)
     launched = hospital.launch_command(opts, cmd)
-    assert launched[:3] == [sys.executable, "-m", "common.flower_waits"] and launched[3:] == cmd
+    assert launched[:3] == [sys.executable, "-m", "common.flower_compat.waits"] and launched[3:] == cmd
     stock = hospital.launch_command(hospital.ClientOptions(**{**opts.__dict__, "short_waits": False}), cmd)
     assert stock == cmd
     # the launcher hands over to Flower's own CLI, arguments and all
@@ -101,4 +101,4 @@ def test_the_site_starts_flowers_own_supernode_behind_the_shorter_waits(tmp_path
                          timeout=120)
     assert out.returncode == 0 and "--superlink" in out.stdout and "--root-certificates" in out.stdout
     bad = subprocess.run([*launched[:3], "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "usage: python -m common.flower_waits flower-supernode" in bad.stderr
+    assert bad.returncode != 0 and "usage: python -m common.flower_compat.waits flower-supernode" in bad.stderr

@@ -12,7 +12,7 @@ of it in waits that are literals in Flower's source, with no setting:
   receiving them, and the ServerApp for a reply's while the SuperNode is still sending.
 
 We shorten them only in processes we start (the SuperNode through `python -m
-common.flower_waits flower-supernode ...`, the clientapp zygote, our ServerApp) and only
+common.flower_compat.waits flower-supernode ...`, the clientapp zygote, our ServerApp) and only
 on the Flower version whose source we read: on any other version Flower runs as shipped.
 """
 
@@ -84,13 +84,13 @@ def shorten_object_pulls() -> bool:
 
 def supernode_command(flower_cmd: Sequence[str]) -> list[str]:
     """`flower-supernode ARGS` as a process that shortens the waits first."""
-    return [sys.executable, "-m", "common.flower_waits", *flower_cmd]
+    return [sys.executable, "-m", "common.flower_compat.waits", *flower_cmd]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "flower-supernode":
-        raise SystemExit("usage: python -m common.flower_waits flower-supernode [ARGS ...]")
+        raise SystemExit("usage: python -m common.flower_compat.waits flower-supernode [ARGS ...]")
     shorten_supernode_loop()
     shorten_object_pulls()
     from flwr.supernode.cli import flower_supernode

@@ -10,7 +10,7 @@ the raw bytes) cuts that message to 7 objects. It carries exactly what the recor
 held: the same arrays, names and order; nothing is added.
 
 The ServerApp packs what it pushes to Flower's grid and unpacks what it pulls
-(server/packed_grid.py, in `make_app`); the ClientApp unpacks what it receives and
+(common/flower_compat/packed_grid.py, in `make_app`); the ClientApp unpacks what it receives and
 packs its reply if the request came packed. Engines and tests that hand `server.app.run`
 their own grid see plain records throughout.
 """

@@ -3,7 +3,7 @@
 import time
 from types import SimpleNamespace
 
-from server.polling import PromptGrid
+from common.flower_compat.polling import PromptGrid
 
 
 class SlowSites:
