@@ -24,41 +24,32 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from bench import hospitals
 from common.config import RunConfig
 from common.flower_compat import packing
+from common.grid_layer import GridLayer
 from simulation.inprocess import run_inprocess
 
 
-def wire_bytes(msg: Message) -> int:
-    """The message itself (metadata, its content's id) plus its content's objects, ArrayRecords packed."""
-    content = RecordDict({k: packing.pack(v) if isinstance(v, ArrayRecord) else v for k, v in msg.content.items()})
-    return len(msg.deflate()) + sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
-
-
-class MeteredGrid:
-    """A Grid (by delegation) that counts every message's bytes, by message type and direction."""
+class MeteredGrid(GridLayer):
+    """A Grid that counts every message's bytes, by message type and direction."""
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.bytes: dict[str, list[int]] = {}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         for msg in messages:
-            self.bytes.setdefault(f"{msg.metadata.message_type}:down", []).append(wire_bytes(msg))
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            self.bytes.setdefault(f"{msg.metadata.message_type}:down", []).append(packing.wire_bytes(msg))
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         for msg in replies:
             if not msg.has_error():
-                self.bytes.setdefault(f"{msg.metadata.message_type}:up", []).append(wire_bytes(msg))
+                self.bytes.setdefault(f"{msg.metadata.message_type}:up", []).append(packing.wire_bytes(msg))
         return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 def bytes_per_round(cfg: RunConfig, sites: int) -> dict[str, float]:

@@ -24,17 +24,16 @@ from typing import Any, TextIO
 
 from common.config import to_toml
 from common.errors import ConfigError, FedhospError
+from common.flower_compat import cli_output
 from fedhosp import fleet_proxy, processes
 from fedhosp.certs import ServerCerts
 
 log = logging.getLogger(__name__)
 CONNECTION = "fedhosp"  # the SuperLink connection's name in the coordinator's FLWR_HOME/config.toml
 LOOPBACK = "127.0.0.1"
-STARTED = re.compile(r"Successfully started run (\d+)")
-# What the coordinator sees of the run's stream: our own log lines (no Flower/ANSI prefix,
-# not Opacus's basicConfig copies), and the last line of any traceback from our code.
+# What the coordinator sees of the run's stream: our own log lines (not Flower's, nor Opacus's
+# basicConfig copies), and the last line of any traceback from our code.
 OWN_ERROR = re.compile(r"^(common|server|client)\.[\w.]+: ")
-FLOWER_LINE = re.compile(r"^(\x1b\[|\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:|INFO:|WARNING:|ERROR:|Traceback|\s)")
 
 
 class RunFailed(FedhospError):
@@ -198,10 +197,10 @@ def submit(opts: ServerOptions, env: Mapping[str, str], children: list[processes
         for line in popen.stdout:
             full.write(line)
             full.flush()
-            if match := STARTED.search(line):
-                run_id = match.group(1)
+            if started := cli_output.started_run(line):
+                run_id = started
                 print(f"run {run_id} submitted", file=echo, flush=True)
-            elif line.strip() and (OWN_ERROR.match(line) or not FLOWER_LINE.match(line)):
+            elif line.strip() and (OWN_ERROR.match(line) or not cli_output.is_flower_line(line)):
                 print(line.rstrip(), file=echo, flush=True)
         popen.wait()
     if not run_id:
@@ -214,11 +213,7 @@ def run_status(run_id: str, env: Mapping[str, str]) -> dict[str, Any]:
     cmd = status_command(run_id)
     processes.show(cmd)
     done = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, check=False)
-    try:
-        runs = json.loads(done.stdout[done.stdout.index("{"):])["runs"]
-    except (ValueError, KeyError):
-        return {}
-    return next((r for r in runs if str(r.get("run-id")) == run_id), {})
+    return next((r for r in cli_output.listed_runs(done.stdout) if str(r.get("run-id")) == run_id), {})
 
 
 def _last_words(text: str) -> str:

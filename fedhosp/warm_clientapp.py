@@ -33,16 +33,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.flower_compat import clientapp as flower_clientapp
 from common.flower_compat import waits as flower_waits
 
 OURS = frozenset({"client", "common", "server", "simulation", "fedhosp", "bench", "tests"})
 # What a task imports: Flower's entry point, our app (torch, Opacus, pydicom), the metrics' libraries.
-PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "client.app", "sklearn.metrics",
+PRELOAD = (flower_clientapp.MODULE, "client.app", "sklearn.metrics",
            "torchmetrics.functional.classification",
            "torchmetrics.functional.segmentation")
-ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
+ENTRY = flower_clientapp.ENTRY
 SOCKET_NAME = "clientapp.sock"
-SHIM_NAME = "flwr-clientapp"
+SHIM_NAME = flower_clientapp.COMMAND
 
 # The shim runs with `python -IS` (no site-packages, no environment): stdlib only, ~20 ms.
 SHIM = '''\

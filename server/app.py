@@ -23,14 +23,14 @@ from flwr.serverapp.strategy import Strategy
 from common import privacy, transport
 from common.config import RunConfig
 from common.errors import FedhospError
-from common.flower_compat import waits as flower_waits
-from common.flower_compat.packed_grid import PackedGrid
-from common.flower_compat.polling import PromptGrid
+from common.flower_compat import waits
+from common.grid_layer import layers
 from common.logs import ensure_console
 from common.models import build_model
 from common.protocol import STATUS
 from common.weights import plain_state_dict
 from server import checkpoint, resume, runlog, validation
+from server.assembly import compose
 from server.strategies import build_strategy
 from server.waiting import WaitingGrid
 
@@ -87,9 +87,9 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         ensure_console()
-        flower_waits.shorten_object_pulls()  # replies are visible before their objects have all arrived
+        waits.shorten_object_pulls()  # this process's pulls of replies still arriving (flwr-serverapp's own)
         cfg = RunConfig.from_mapping({**context.run_config, **(overrides or {})})
-        run(PromptGrid(PackedGrid(grid)), cfg, str(context.run_id))  # type: ignore[arg-type]
+        run(compose(grid, cfg), cfg, str(context.run_id))
 
     return server_app
 
@@ -97,14 +97,13 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 app = make_app()
 
 
-def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
-    """Train `cfg.num_server_rounds` rounds; return the path of the final model file."""
+def run(grid: WaitingGrid, cfg: RunConfig, run_id: str) -> Path:
+    """Train `cfg.num_server_rounds` rounds through `grid` (server/assembly.py's); return the final model's path."""
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.task, cfg.model, 1, cfg.num_classes, cfg.image_size)
     arrays = ArrayRecord(torch_state_dict=plain_state_dict(model))
     strategy = build_strategy(cfg)
-    grid = WaitingGrid(grid, cfg.min_available_sites, cfg.site_wait)
     log_path = out / runlog.RUN_LOG
     first = 1
     cfg = replace(cfg, run_name=cfg.run_name or run_id)
@@ -114,6 +113,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: str) -> Path:
         cfg = replace(cfg, run_name=resumed.run_name or cfg.run_name)
     else:
         runlog.start(log_path)
+    runlog.event(log_path, "grid", {"layers": layers(grid)})
     log.info("run %s: %d rounds of %s on %s, DP %s", run_id, cfg.num_server_rounds, cfg.strategy,
              cfg.model, f"target ε={cfg.dp_target_epsilon:g}" if cfg.dp_enabled else "off")
     started = time.monotonic()

@@ -14,21 +14,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.flower_compat import strategy_state
 from server import checkpoint, runlog
 
 log = logging.getLogger(__name__)
 STRATEGY_LAST = "strategy-last.pt"
-# Attributes that carry state from one round to the next, on a strategy or a wrapper around one.
-STATEFUL = ("m_t", "v_t", "current_arrays", "control", "clipping_norm")
 # Settings that must match for the checkpoint's weights to mean the same thing in this run.
 SAME = ("task", "model", "image-size", "num-classes", "strategy", "client-dp")
 
@@ -43,7 +40,7 @@ class Resumed:
 def save_strategy(out: Path, strategy: Strategy, server_round: int) -> None:
     path = out / STRATEGY_LAST
     tmp = path.with_suffix(".tmp")
-    torch.save({"round": server_round, "layers": [_capture(layer) for layer in _layers(strategy)]}, tmp)
+    torch.save({"round": server_round, "layers": strategy_state.capture(strategy)}, tmp)
     os.replace(tmp, path)
 
 
@@ -74,40 +71,12 @@ def restore(out: Path, cfg: RunConfig, strategy: Strategy) -> Resumed:
 
 def _load_strategy(out: Path, strategy: Strategy, done: int) -> None:
     path = out / STRATEGY_LAST
-    layers = _layers(strategy)
     if not path.is_file():
-        if any(_capture(layer) for layer in layers):
+        if any(strategy_state.capture(strategy)):
             raise ConfigError(f"resume: {path} is missing: the strategy's state cannot be restored")
         return
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if int(saved["round"]) != done:
         raise ConfigError(f"resume: {path} is from round {saved['round']} but the checkpoint from round {done}; "
                           "the server stopped while saving: resume from a backup or start again")
-    for layer, state in zip(layers, saved["layers"], strict=True):
-        for name, value in state.items():
-            setattr(layer, name, _from_saved(value))
-
-
-def _layers(strategy: Strategy) -> list[Strategy]:
-    """The strategy and every strategy it wraps (Flower's DP wrappers keep theirs in `.strategy`)."""
-    layers = [strategy]
-    while isinstance(getattr(layers[-1], "strategy", None), Strategy):
-        layers.append(layers[-1].strategy)
-    return layers
-
-
-def _capture(layer: Strategy) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    for name in STATEFUL:
-        value = getattr(layer, name, None)
-        if isinstance(value, dict):
-            state[name] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in value.items()}
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            state[name] = float(value)
-    return state
-
-
-def _from_saved(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: v.numpy() for k, v in value.items()}
-    return value
+    strategy_state.restore(strategy, saved["layers"])

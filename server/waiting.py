@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from flwr.serverapp import Grid
 
 from common.errors import FedhospError
+from common.grid_layer import GridLayer
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +25,16 @@ class SitesUnavailable(FedhospError):
     """Fewer sites than min-available-sites stayed connected for longer than site-wait."""
 
 
-class WaitingGrid:
-    """A Grid (by delegation) whose `get_node_ids` raises SitesUnavailable past the deadline."""
+class WaitingGrid(GridLayer):
+    """A Grid whose `get_node_ids` raises SitesUnavailable past the deadline."""
 
     def __init__(self, grid: Grid, minimum: int, wait: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._grid, self.minimum, self.wait, self._clock = grid, minimum, wait, clock
+        super().__init__(grid)
+        self.minimum, self.wait, self._clock = minimum, wait, clock
         self._since: float | None = None
 
     def get_node_ids(self) -> Iterable[int]:
-        nodes = list(self._grid.get_node_ids())
+        nodes = list(self.inner.get_node_ids())
         if len(nodes) >= self.minimum:
             self._since = None
             return nodes
@@ -57,6 +58,3 @@ class WaitingGrid:
         while len(nodes := list(self.get_node_ids())) < self.minimum:
             sleep(poll)
         return nodes
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)

@@ -19,11 +19,11 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.grid_layer import GridLayer
 from simulation.clientapp import PARTITION_KEY, PARTITION_QUERY
 from simulation.report import NODES
 
@@ -32,18 +32,18 @@ ROUND_KEY = "server-round"
 RoundHook = Callable[[int, ArrayRecord], None]
 
 
-class CanonicalGrid:
-    """A Grid (by delegation) that lists, samples and answers in partition order."""
+class CanonicalGrid(GridLayer):
+    """A Grid that lists, samples and answers in partition order."""
 
     def __init__(self, grid: Grid, seed: int, out_dir: Path, on_evaluate: RoundHook | None = None,
                  timeout: float = 600.0) -> None:
-        self._grid, self.seed, self.out_dir, self.on_evaluate, self.timeout = grid, seed, Path(out_dir), \
-            on_evaluate, timeout
+        super().__init__(grid)
+        self.seed, self.out_dir, self.on_evaluate, self.timeout = seed, Path(out_dir), on_evaluate, timeout
         self.partition: dict[int, int] = {}
         self._listed = 0
 
     def get_node_ids(self) -> Iterable[int]:
-        nodes = list(self._grid.get_node_ids())
+        nodes = list(self.inner.get_node_ids())
         unknown = [n for n in nodes if n not in self.partition]
         if unknown:
             self._ask_partitions(unknown)
@@ -54,7 +54,7 @@ class CanonicalGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         if messages and self.on_evaluate is not None and messages[0].metadata.message_type.startswith("evaluate"):
             content = messages[0].content
             self.on_evaluate(int(content["config"][ROUND_KEY]), content["arrays"])
@@ -63,7 +63,7 @@ class CanonicalGrid:
 
     def _ask_partitions(self, nodes: list[int]) -> None:
         asked = [Message(RecordDict(), dst_node_id=n, message_type=PARTITION_QUERY) for n in nodes]
-        for reply in self._grid.send_and_receive(asked, timeout=self.timeout):
+        for reply in self.inner.send_and_receive(asked, timeout=self.timeout):
             if reply.has_error():
                 log.warning("node %s did not say its partition (%s): it is ordered by node id",
                             reply.metadata.src_node_id, reply.error.reason)
@@ -71,7 +71,4 @@ class CanonicalGrid:
             self.partition[reply.metadata.src_node_id] = int(reply.content["partition"][PARTITION_KEY])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / NODES).write_text(json.dumps({str(k): v for k, v in sorted(self.partition.items())}))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 

@@ -108,7 +108,9 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
     tests = central_rounds(out_dir)
     rows = [round_row(r, tests.get(r["round"]), shown[0]) for r in records]
     last = rows[-1] if rows else {}
-    stops = runlog.events(out_dir / runlog.RUN_LOG)
+    events = runlog.events(out_dir / runlog.RUN_LOG)
+    stops = [e for e in events if e["event"] == "stopped"]
+    grids = [e["layers"] for e in events if e["event"] == "grid"]
     names = site_names(out_dir)
     privacy = privacy_by_site(records + [s for s in stops if s.get("refused")], names)
     per_site = scores_by_site(records, names)
@@ -122,6 +124,7 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
         "site-scores": per_site,
         "privacy": privacy,
         "stopped": stops[-1]["reason"] if stops else None,
+        "grid": grids[-1] if grids else None,  # the ServerApp's grid stack, top first (server/assembly.py)
         "model": "model.pt",
         **(extra or {}),
     }

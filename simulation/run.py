@@ -23,6 +23,7 @@ from common import process_tree
 from common.config import RunConfig, site_name
 from common.data import sources, synthetic
 from common.errors import ConfigError
+from common.flower_compat import logs as flower_logs
 from common.logs import ensure_console, quiet_root
 from simulation import baselines, pool, report, site_secrets, virtual_sites
 from simulation.central import CentralEvaluation, TestSet
@@ -123,7 +124,7 @@ def simulate(cfg: RunConfig, opts: SimulationOptions) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(cfg.client_threads)
-    _quiet_flower(opts.verbose)
+    flower_logs.quiet_console(opts.verbose)
     quiet_root(logging.WARNING if opts.verbose else logging.ERROR)
     with PeakMemory() as memory:
         if opts.partition is not None:
@@ -204,6 +205,7 @@ def _run_engine(cfg: RunConfig, opts: SimulationOptions, wrap) -> None:
     from flwr.simulation import run_simulation
 
     from server.app import run as run_server
+    from server.assembly import compose
     from simulation.clientapp import app as client_app
 
     server_app = ServerApp()
@@ -211,7 +213,7 @@ def _run_engine(cfg: RunConfig, opts: SimulationOptions, wrap) -> None:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         ensure_console()
-        run_server(wrap(grid), cfg, str(context.run_id))
+        run_server(compose(grid, cfg, simulation=wrap), cfg, str(context.run_id))
 
     backend_config = {
         "client_resources": {"num_cpus": opts.cpus_per_site, "num_gpus": 0.0},
@@ -243,12 +245,3 @@ RAY_EXIT_S = 30.0  # workers leave within seconds of shutdown on an idle machine
 
 
 OBJECT_STORE_BYTES = 512 * 1024 * 1024
-
-
-def _quiet_flower(verbose: bool) -> None:
-    """Flower's console handler shows errors only unless --verbose (Flower's own switch)."""
-    from flwr.supercore.logger import update_console_handler
-
-    update_console_handler(level=logging.INFO if verbose else logging.ERROR, timestamps=verbose, colored=verbose)
-
-

@@ -1,38 +1,30 @@
 """The server's side of packing.py: what it pushes goes out packed, what it pulls comes back unpacked.
 
-Wrapped directly around Flower's grid in `server.app.make_app` (under polling and waiting), so
-the strategies, validation, checkpoints and any grid a caller of `run` puts in front
-only ever see plain ArrayRecords.
+The lowest layer of every engine's stack (server/assembly.py), right on the engine's own grid,
+so the strategies, validation, checkpoints and every layer above only ever see plain ArrayRecords.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import ArrayRecord, Message
-from flwr.serverapp import Grid
 
 from common.flower_compat.packing import pack_content, unpack_content
+from common.grid_layer import GridLayer
 
 
-class PackedGrid:
-    """A Grid (by delegation) whose messages travel with their ArrayRecords packed."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+class PackedGrid(GridLayer):
+    """A Grid whose messages travel with their ArrayRecords packed."""
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(_packed(messages))
+        return self.inner.push_messages(_packed(messages))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return _unpacked(self._grid.pull_messages(message_ids))
+        return _unpacked(self.inner.pull_messages(message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return _unpacked(self._grid.send_and_receive(_packed(messages), timeout=timeout))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
+        return _unpacked(self.inner.send_and_receive(_packed(messages), timeout=timeout))
 
 
 def _packed(messages: Iterable[Message]) -> list[Message]:

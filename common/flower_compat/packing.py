@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 KEY = "fedhosp-packed"  # the only key of a packed ArrayRecord
 _LENGTH = 8  # bytes of the header's length, little-endian
@@ -83,3 +84,31 @@ def _map(content: RecordDict, codec: Callable[[ArrayRecord], ArrayRecord], done:
             done[id(record)] = codec(record)
         content[key] = done[id(record)]
     return content
+
+
+def wire_objects(msg: Message) -> int:
+    """How many objects Flower sends for `msg` as it is: each is one call per hop."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return len(get_all_nested_objects(msg))
+
+
+def wire_bytes(msg: Message) -> int:
+    """The message itself (metadata, its content's id) plus its content's objects, ArrayRecords packed."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    content = RecordDict({k: pack(v) if isinstance(v, ArrayRecord) else v for k, v in msg.content.items()})
+    return len(msg.deflate()) + sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def answering_in_kind(handler: Callable[[Message, Any], Message]) -> Callable[[Message, Any], Message]:
+    """A ClientApp handler that sees plain records and replies packed when the request came packed."""
+    def answer(msg: Message, context: Any) -> Message:
+        packed = has_packed(msg.content)
+        unpack_content(msg.content)
+        reply = handler(msg, context)
+        if packed and not reply.has_error():
+            pack_content(reply.content)
+        return reply
+
+    return answer

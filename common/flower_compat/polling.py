@@ -11,32 +11,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-INTERVAL_S = 0.25
+from common.grid_layer import GridLayer
+
+INTERVAL_S = 0.1  # as often as Flower's simulation grid pulls; on loopback in deployment
 
 
-class PromptGrid:
-    """A Grid (by delegation) whose send_and_receive polls every `interval` seconds."""
+class PromptGrid(GridLayer):
+    """A Grid whose send_and_receive polls every `interval` seconds."""
 
     def __init__(self, grid: Grid, interval: float = INTERVAL_S) -> None:
-        self._grid, self.interval = grid, interval
+        super().__init__(grid)
+        self.interval = interval
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self._grid.push_messages(messages))
+        pending = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            got = list(self._grid.pull_messages(pending))
+            got = list(self.inner.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.interval)
         return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)

@@ -13,19 +13,19 @@ of it in waits that are literals in Flower's source, with no setting:
 
 We shorten them only in processes we start (the SuperNode through `python -m
 common.flower_compat.waits flower-supernode ...`, the clientapp zygote, our ServerApp) and only
-on the Flower version whose source we read: on any other version Flower runs as shipped.
+while `common.flower_compat.enabled()`: on any other Flower version Flower runs as shipped.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import sys
 import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-FLOWER_VERSION = "1.41.0"
+from common.flower_compat import enabled
+
 # The SuperNode's idle pull, 3 s in Flower: a signed Fleet API call per idle site this often.
 IDLE_PULL_S = 0.5
 # Its in-memory wait for the clientapp's reply, 0.5 s in Flower: a dictionary lookup.
@@ -34,13 +34,6 @@ REPLY_CHECK_S = 0.1
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 1.0
 # The literal sleeps of start_client_internal.py, mapped to ours; any other value is left alone.
 SUPERNODE_SLEEPS = {3: IDLE_PULL_S, 0.5: REPLY_CHECK_S}
-
-
-def supported() -> bool:
-    try:
-        return importlib.metadata.version("flwr") == FLOWER_VERSION
-    except importlib.metadata.PackageNotFoundError:
-        return False
 
 
 class _ShorterSleeps:
@@ -58,7 +51,7 @@ class _ShorterSleeps:
 
 def shorten_supernode_loop(module: ModuleType | None = None) -> bool:
     """The SuperNode's idle pull and reply check (True if applied)."""
-    if not supported():
+    if not enabled():
         return False
     if module is None:
         from flwr.supernode import start_client_internal as module
@@ -70,7 +63,7 @@ def shorten_supernode_loop(module: ModuleType | None = None) -> bool:
 
 def shorten_object_pulls() -> bool:
     """Object-pull back-off, for every caller in this process that relies on Flower's defaults (True if applied)."""
-    if not supported():
+    if not enabled():
         return False
     from flwr.supercore.inflatable import inflatable_utils
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from simulation.inprocess import _identity
+from common.flower_compat.engine import acting_as
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
+def _taskacting_as():
     """Outside an engine, play the engine's part: run 1, the server as node 0."""
-    with _identity(1, 0):
+    with acting_as(1, 0):
         yield

@@ -6,50 +6,53 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.flower_compat import engine, packing
 from server import checkpoint, resume
-from server.app import run
+from server.app import run as run_server
+from server.assembly import compose
 from server.strategies import build_strategy
 from server.waiting import SitesUnavailable, WaitingGrid
+from simulation.inprocess import InProcessGrid
 
 
-class Stopped(Exception):
-    """The coordinator going down mid-run."""
+class Stopped(BaseException):
+    """The coordinator going down mid-run (not a site's failure, which the engine would report as an error)."""
 
 
-class Grid:
+class Sites:
     """Sites that shift every weight by a node- and round-dependent amount; records what they were sent."""
 
-    def __init__(self, nodes=(1, 2), stop_at_round=None):
-        self.nodes, self.stop_at_round = list(nodes), stop_at_round
+    def __init__(self, sites=2, stop_at_round=None):
+        self.sites, self.stop_at_round = sites, stop_at_round
         self.sent: dict[int, dict[str, np.ndarray]] = {}  # round -> weights the sites received to train
         self.names: dict[int, str] = {}  # round -> the run's name in the sites' ledgers
+        self.answer = packing.answering_in_kind(self._answer)
 
-    def get_node_ids(self):
-        return list(self.nodes)
+    def _answer(self, m, context):
+        server_round = int(m.content["config"]["server-round"])
+        kind = m.metadata.message_type
+        if kind.startswith("train") and server_round == self.stop_at_round:
+            raise Stopped
+        node = context.node_id
+        arrays = m.content["arrays"]
+        if kind.startswith("train"):
+            self.sent[server_round] = {k: v.numpy().copy() for k, v in arrays.items()}
+            self.names[server_round] = str(m.content["config"]["run-name"])
+            shifted = {k: torch.from_numpy(v.numpy() + 0.01 * node * server_round) for k, v in arrays.items()}
+            content = RecordDict({"arrays": ArrayRecord(torch_state_dict=shifted), "metrics": MetricRecord(
+                {"num-examples": 10 * node, "site-weight": 1, "train-loss": 0.5})})
+        else:
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "site-weight": 1, "loss": 1.0})})
+        return Message(content, reply_to=m)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for m in messages:
-            server_round = int(m.content["config"]["server-round"])
-            kind = m.metadata.message_type
-            if kind.startswith("train") and server_round == self.stop_at_round:
-                raise Stopped
-            TaskIdentity.node_id = node = m.metadata.dst_node_id
-            arrays = m.content["arrays"]
-            if kind.startswith("train"):
-                self.sent[server_round] = {k: v.numpy().copy() for k, v in arrays.items()}
-                self.names[server_round] = str(m.content["config"]["run-name"])
-                shifted = {k: torch.from_numpy(v.numpy() + 0.01 * node * server_round) for k, v in arrays.items()}
-                content = RecordDict({"arrays": ArrayRecord(torch_state_dict=shifted), "metrics": MetricRecord(
-                    {"num-examples": 10 * node, "site-weight": 1, "train-loss": 0.5})})
-            else:
-                content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "site-weight": 1, "loss": 1.0})})
-            replies.append(Message(content, reply_to=m))
-        return replies
+
+def run(sites, cfg, run_id):
+    """The ServerApp's loop over the assembled grid, against `sites` in this process."""
+    with engine.acting_as(int(run_id), 0):
+        return run_server(compose(InProcessGrid(sites.sites, int(run_id), client_app=sites.answer), cfg), cfg, run_id)
 
 
 def _cfg(tmp_path, **kw):
@@ -59,16 +62,16 @@ def _cfg(tmp_path, **kw):
 
 
 def test_resume_continues_at_the_next_round_from_the_checkpointed_weights(tmp_path):
-    straight = Grid()
+    straight = Sites()
     run(straight, _cfg(tmp_path / "straight"), "1")
 
-    stopped = Grid(stop_at_round=3)
+    stopped = Sites(stop_at_round=3)
     with pytest.raises(Stopped):
         run(stopped, _cfg(tmp_path / "resumed"), "2")
     saved = checkpoint.load(tmp_path / "resumed" / checkpoint.LAST)
     assert saved["round"] == 2
 
-    again = Grid()
+    again = Sites()
     model = run(again, _cfg(tmp_path / "resumed", resume=True), "3")
 
     assert sorted(again.sent) == [3]  # rounds 1 and 2 are not trained again
@@ -86,13 +89,13 @@ def test_resume_continues_at_the_next_round_from_the_checkpointed_weights(tmp_pa
 
 
 def test_resume_refuses_a_finished_run_a_missing_checkpoint_and_other_settings(tmp_path):
-    run(Grid(), _cfg(tmp_path, num_server_rounds=1), "1")
+    run(Sites(), _cfg(tmp_path, num_server_rounds=1), "1")
     with pytest.raises(ConfigError, match="finished"):
-        run(Grid(), _cfg(tmp_path, num_server_rounds=1, resume=True), "2")
+        run(Sites(), _cfg(tmp_path, num_server_rounds=1, resume=True), "2")
     with pytest.raises(ConfigError, match="image-size was 32"):
-        run(Grid(), _cfg(tmp_path, num_server_rounds=2, resume=True, image_size=64), "3")
+        run(Sites(), _cfg(tmp_path, num_server_rounds=2, resume=True, image_size=64), "3")
     with pytest.raises(ConfigError, match=r"no .*checkpoint-last\.pt"):
-        run(Grid(), _cfg(tmp_path / "empty", resume=True), "4")
+        run(Sites(), _cfg(tmp_path / "empty", resume=True), "4")
 
 
 def test_strategy_state_survives_a_restart(tmp_path):
@@ -114,7 +117,7 @@ def test_strategy_state_survives_a_restart(tmp_path):
 def test_a_server_short_of_sites_gives_up_after_site_wait(tmp_path):
     started = time.monotonic()
     with pytest.raises(SitesUnavailable, match=r"only 1 of the 2 sites needed .* within 1\.5s"):
-        run(Grid(nodes=[7]), _cfg(tmp_path, site_wait=1.5), "1")
+        run(Sites(sites=1), _cfg(tmp_path, site_wait=1.5), "1")
     assert time.monotonic() - started < 30
 
 

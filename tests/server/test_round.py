@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
+from common.flower_compat.engine import acting_as
 from common.protocol import BUDGET_SPENT, STATUS
 from server.app import BudgetsSpent, play_round
 from server.strategies import build_strategy
@@ -27,8 +27,8 @@ class Grid:
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for m in messages:
-            TaskIdentity.node_id = m.metadata.dst_node_id  # the reply is stamped as coming from it
-            replies.append(Message(self.behaviour(m.metadata.dst_node_id, m), reply_to=m))
+            with acting_as(1, m.metadata.dst_node_id):  # the reply is stamped as coming from it
+                replies.append(Message(self.behaviour(m.metadata.dst_node_id, m), reply_to=m))
         return replies
 
 
@@ -104,9 +104,12 @@ def test_client_level_dp_noise_has_the_calibrated_std():
 
 
 def test_a_run_whose_sites_all_run_out_of_budget_ends_cleanly_with_model_and_report(tmp_path):
+    from common.flower_compat import packing
     from server import checkpoint, runlog
     from server.app import run
+    from server.assembly import compose
     from simulation import report
+    from simulation.inprocess import InProcessGrid
 
     def behaviour(node, msg):
         metrics = MetricRecord({"num-examples": 10, "site-weight": 1, "loss": 1.0, "accuracy": 0.5, "auc": 0.5,
@@ -118,7 +121,8 @@ def test_a_run_whose_sites_all_run_out_of_budget_ends_cleanly_with_model_and_rep
         return RecordDict({"arrays": msg.content["arrays"], "metrics": metrics})  # no change: enough here
 
     cfg = RunConfig(min_available_sites=3, num_server_rounds=4, out_dir=str(tmp_path))
-    path = run(Grid(behaviour), cfg, "r1")
+    sites = packing.answering_in_kind(lambda msg, context: Message(behaviour(context.node_id, msg), reply_to=msg))
+    path = run(compose(InProcessGrid(3, client_app=sites), cfg), cfg, "r1")
     assert checkpoint.load(path)["round"] == 1
     assert [r["round"] for r in runlog.read(tmp_path / runlog.RUN_LOG)] == [1]
     results = json.loads(report.write(tmp_path, cfg.to_mapping(), 3).read_text())

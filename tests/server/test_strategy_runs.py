@@ -167,9 +167,8 @@ def test_invalid_combinations_are_refused_with_the_reason(settings, match):
 
 def test_scaffold_matches_the_published_algorithm_on_a_tiny_problem():
     """Two sites with f_i(w) = |w - a_i|^2 / 2, K plain SGD steps each, three rounds, by hand vs ours."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from common.drift import DriftCorrectedSGD, scaffold_update
+    from common.flower_compat.engine import acting_as
     from server.scaffold import Scaffold
 
     targets, K, lr, rounds = [np.array([1.0, -2.0]), np.array([3.0, 0.5])], 4, 0.1, 3
@@ -211,13 +210,12 @@ def test_scaffold_matches_the_published_algorithm_on_a_tiny_problem():
             new, delta = scaffold_update([c_server["w"].double()], [site_c[i]["w"].double()], [start],
                                          [w.detach()], opt.steps, lr)
             site_c[i] = {"w": new[0]}
-            TaskIdentity.node_id = i + 1
-            replies.append(Message(RecordDict({
-                "arrays": ArrayRecord({"w": Array(w.detach().numpy().astype(np.float32))}),
-                "metrics": MetricRecord({"num-examples": 10}),
-                "scaffold-delta-c": ArrayRecord({"w": Array(delta[0].numpy())}),
-            }), reply_to=msg))
-            TaskIdentity.node_id = 0
+            with acting_as(1, i + 1):
+                replies.append(Message(RecordDict({
+                    "arrays": ArrayRecord({"w": Array(w.detach().numpy().astype(np.float32))}),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                    "scaffold-delta-c": ArrayRecord({"w": Array(delta[0].numpy())}),
+                }), reply_to=msg))
         arrays, _ = strategy.aggregate_train(server_round, replies)
     assert np.allclose(arrays["w"].numpy(), x, atol=1e-5)
     assert np.allclose(strategy.control["w"], c, atol=1e-5)
@@ -233,7 +231,9 @@ def _config():
 
 def test_run_log_is_json_per_round(data, tmp_path):
     out, _ = _run(data, tmp_path, "log", **{"num-server-rounds": 1})
-    line = json.loads((out / runlog.RUN_LOG).read_text().splitlines()[0])
+    lines = [json.loads(x) for x in (out / runlog.RUN_LOG).read_text().splitlines()]
+    assert lines[0] == {"event": "grid", "layers": ["WaitingGrid", "PromptGrid", "PackedGrid", "InProcessGrid"]}
+    line = lines[1]
     assert line["round"] == 1 and line["sites_rejected"] == 0 and len(line["site_scores"]) == SITES
 
 

@@ -7,9 +7,9 @@ import random
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from common.flower_compat.engine import acting_as
 from simulation.clientapp import PARTITION_KEY, PARTITION_QUERY
 from simulation.grid import CanonicalGrid
-from simulation.inprocess import _identity
 
 
 class ShuffledGrid:
@@ -30,13 +30,13 @@ class ShuffledGrid:
                 content = RecordDict({"partition": ConfigRecord({PARTITION_KEY: self.partition[node]})})
             else:
                 content = RecordDict({"config": ConfigRecord({"pid": self.partition[node]})})
-            with _identity(1, node):  # the engine stamps who answered
+            with acting_as(1, node):  # the engine stamps who answered
                 replies.append(Message(content, reply_to=msg))
         return list(reversed(replies))
 
 
 def _round(grid: CanonicalGrid, message_type: str = "train"):
-    with _identity(1, 0):  # the server's side
+    with acting_as(1, 0):  # the server's side
         return _send(grid, message_type)
 
 
@@ -53,7 +53,7 @@ def test_partition_order_and_sampling_do_not_depend_on_node_ids(tmp_path):
     runs = []
     for seed in (1, 2):
         grid = CanonicalGrid(ShuffledGrid(6, seed), seed=7, out_dir=tmp_path / str(seed))
-        with _identity(1, 0):
+        with acting_as(1, 0):
             nodes = list(grid.get_node_ids())
         assert [grid.partition[n] for n in nodes] == list(range(6))
         runs.append(_round(grid))

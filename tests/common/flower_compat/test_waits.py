@@ -11,6 +11,7 @@ import pytest
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
+from common import flower_compat
 from common.flower_compat import waits as flower_waits
 from fedhosp import hospital
 
@@ -80,7 +81,7 @@ def test_object_pulls_retry_sooner(monkeypatch, flower_defaults):
 
 
 def test_another_flower_version_runs_as_shipped(monkeypatch, flower_defaults):
-    monkeypatch.setattr(flower_waits, "FLOWER_VERSION", "0.0.0")
+    monkeypatch.setattr(flower_compat, "FLOWER_VERSION", "0.0.0")
     module = types.SimpleNamespace(time=time)
     before = dict(inflatable_utils.pull_objects.__kwdefaults__)
     assert not flower_waits.shorten_supernode_loop(module) and module.time is time
