@@ -41,17 +41,16 @@ def _site(msg: Message, context: Context) -> tuple[Site, int]:
 
 
 def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
+    """`handler` seeing plain records, answering in kind (packed when the request came packed), and failing
+    with nothing but the exception's class name."""
+    answer = packing.answering_in_kind(lambda msg, context: Message(content=handler(msg, context), reply_to=msg))
+
     def run(msg: Message, context: Context) -> Message:
         try:
-            packed = packing.has_packed(msg.content)  # answer in kind (the server packs on Flower's wire only)
-            packing.unpack_content(msg.content)
-            content = handler(msg, context)
-            if packed:
-                packing.pack_content(content)
+            return answer(msg, context)
         except Exception as exc:
             log.exception("site failed on a %s message", msg.metadata.message_type)
             raise RuntimeError(f"site failed: {type(exc).__name__} (details in the site's log)") from None
-        return Message(content=content, reply_to=msg)
 
     run.__name__ = handler.__name__
     return run

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from common.flower_compat.packing import pack_content, unpack_content
 from common.grid_layer import GridLayer
@@ -28,11 +28,16 @@ class PackedGrid(GridLayer):
 
 
 def _packed(messages: Iterable[Message]) -> list[Message]:
-    messages = list(messages)
+    """Packed copies: the caller's messages and the RecordDict a strategy shares between them stay plain,
+    so a layer above that reads them after sending (central evaluation) still sees the model."""
     done: dict[int, ArrayRecord] = {}  # the global model, shared by every site's message: packed once
-    for msg in messages:
-        pack_content(msg.content, done)
-    return messages
+    return [_copy(msg, pack_content(RecordDict(dict(msg.content.items())), done)) for msg in messages]
+
+
+def _copy(msg: Message, content: RecordDict) -> Message:
+    meta = msg.metadata
+    return Message(content, dst_node_id=meta.dst_node_id, message_type=meta.message_type,
+                   ttl=meta.ttl, group_id=meta.group_id)
 
 
 def _unpacked(replies: Iterable[Message]) -> list[Message]:

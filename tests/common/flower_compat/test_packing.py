@@ -3,20 +3,18 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from common.flower_compat import packing
+from common.flower_compat import engine, packing
 from common.flower_compat.packed_grid import PackedGrid
 from common.models import build_model
 from common.weights import plain_state_dict
 
 
 @pytest.fixture(autouse=True)
-def _identity(monkeypatch):
+def _identity():
     """Messages are stamped with the task's run and node: as in a ServerApp."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    with engine.acting_as(run_id=1, node_id=0):
+        yield
 
 
 def _model_record() -> ArrayRecord:
@@ -79,7 +77,7 @@ class _Loopback:
 
 
 def _as_received(msg: Message) -> Message:
-    msg.metadata.__dict__["_message_id"] = msg.object_id  # a pushed message has its id
+    engine.stamp_message_id(msg)  # a pushed message has its id
     return msg
 
 
@@ -94,6 +92,8 @@ def test_the_server_sends_packed_records_and_its_strategies_see_plain_ones():
     for reply in replies:
         _same(reply.content["arrays"], record)  # packed exactly once on the way out
     assert dict(replies[0].content["config"]) == {"r": 1}
+    assert all(msg.content["arrays"] is record for msg in messages)  # the caller's messages stay plain
+    assert [m.metadata.dst_node_id for m in messages] == [1, 2, 3]
 
 
 def test_the_clientapp_sees_plain_records_and_answers_in_kind():
@@ -114,3 +114,14 @@ def test_the_clientapp_sees_plain_records_and_answers_in_kind():
         _same(seen[-1], record)
         assert packing.is_packed(reply.content["arrays"]) == packed
         _same(packing.unpack(reply.content["arrays"]), record)
+
+
+def test_a_corrupt_packed_request_fails_the_site_with_its_class_name_only():
+    from client.app import _guarded
+
+    raw = packing.pack(_model_record())[packing.KEY].numpy()
+    corrupt = ArrayRecord({packing.KEY: Array(np.concatenate([raw, np.zeros(4, np.uint8)]))})
+    msg = _as_received(Message(content=RecordDict({"arrays": corrupt}), dst_node_id=1, message_type="train"))
+    with pytest.raises(RuntimeError) as failure:
+        _guarded(lambda msg, context: pytest.fail("the handler ran on a corrupt record"))(msg, None)
+    assert str(failure.value) == "site failed: ValueError (details in the site's log)"
