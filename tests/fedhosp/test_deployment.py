@@ -119,6 +119,8 @@ def test_three_hospitals_stop_resume_and_a_dropout(deployment):
 
     records = runlog.read(base / "run" / runlog.RUN_LOG)
     assert [r["round"] for r in records] == [1, 2, 3]
+    stacks = [e["layers"] for e in runlog.events(base / "run" / runlog.RUN_LOG) if e["event"] == "grid"]
+    assert stacks and all(s == ["WaitingGrid", "PromptGrid", "PackedGrid", "HttpGrid"] for s in stacks)  # as in-process
     assert records[0]["sites_ok"] == 3
     assert (records[1]["sites_ok"], records[1]["sites_failed"]) == (2, 1)  # hosp-c died in round 2: left out
     assert records[2]["sites_ok"] == 2

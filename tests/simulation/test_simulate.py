@@ -74,7 +74,12 @@ def test_outputs_progress_and_model(run):
     round_lines = [line for line in proc.stderr.splitlines() if line.startswith("round ")]
     assert len(round_lines) == ROUNDS and "eps_max" in round_lines[-1]
     assert proc.stdout.strip().splitlines()[-1] == f"results: {out / 'results.json'}"
-    assert len((out / "runlog.jsonl").read_text().splitlines()) == ROUNDS
+    log = [json.loads(line) for line in (out / "runlog.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in log if "round" in e] == list(range(1, ROUNDS + 1))
+    # the one assembly (server/assembly.py): the in-process and deployment stacks, plus simulation's own layer
+    stack = ["WaitingGrid", "CanonicalGrid", "PromptGrid", "PackedGrid", "InMemoryGrid"]
+    assert log[0] == {"event": "grid", "layers": stack}
+    assert json.loads((out / "results.json").read_text())["grid"] == stack
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = checkpoint.load(out / "model.pt")
     assert model["round"] == ROUNDS and model["config"]["num-server-rounds"] == ROUNDS
