@@ -3,8 +3,6 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export FLWR_TELEMETRY_ENABLED := 0
-export FLWR_DISABLE_UPDATE_CHECK := 1
 
 .PHONY: demo test lint bench lock clean
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from bench import hospitals
 from bench.framework import simulated, steady
-from common import process_tree
+from common import flower_env, process_tree
 from common.config import RunConfig
 from fedhosp import certs, processes
 
@@ -43,7 +43,7 @@ TIMEOUT_S = 1200.0
 
 
 def _fedhosp(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **processes.FLOWER_ENV}
+    env = {**os.environ, **flower_env.DEPLOYMENT}
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "fedhosp.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                 cwd=ROOT, env=env, start_new_session=True)

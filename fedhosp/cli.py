@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -24,10 +23,6 @@ from common.logs import ensure_console
 from fedhosp.deploy_cli import add_deploy_commands
 
 log = logging.getLogger(__name__)
-
-# No telemetry and no update check from Flower: hospitals are often air-gapped.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

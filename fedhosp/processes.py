@@ -25,17 +25,8 @@ from typing import Any
 
 from common import process_tree
 from common.errors import FedhospError
+from common.flower_env import DEPLOYMENT
 from common.process_tree import Proc, become_subreaper
-
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    # Without it the SuperLink `uv sync`s our dependencies (torch: gigabytes) before every run.
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    # SuperExec looks for a new task every second by default: up to 1 s idle before each message's
-    # clientapp starts (twice a round). A local HTTP call five times a second costs nothing.
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-}
 
 __all__ = ["become_subreaper"]  # re-exported for the commands that stop their strays
 
@@ -66,7 +57,7 @@ class Child:
 
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every Flower command gets: its own FLWR_HOME, no telemetry, no installs."""
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), **(extra or {})}
+    env = {**os.environ, **DEPLOYMENT, "FLWR_HOME": str(home), **(extra or {})}
     bin_dir = str(Path(sys.executable).parent)  # Flower's commands live beside this interpreter
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env

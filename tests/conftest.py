@@ -12,11 +12,13 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from common import process_tree, training
+from common import flower_env, process_tree, training
 from common.config import RunConfig
 from common.data import sources, split, synthetic
 from common.models import build_model
 from tests import leftovers
+
+flower_env.apply()  # as the `fedhosp` command does (fedhosp/__init__.py): tests that run Flower without it
 
 # Commands that start Ray or Flower wait for them to exit before they return: what is still alive this
 # long after a test file ended was left behind (and is killed, so that the next file starts clean).
