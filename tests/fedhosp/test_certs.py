@@ -9,12 +9,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from flwr.cli.supernode.register import try_load_public_key
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 from common.errors import ConfigError
 from fedhosp import certs
 from fedhosp.cli import main
+from tests.flower_probes import public_key_to_bytes, try_load_public_key
 
 
 def _mode(path):

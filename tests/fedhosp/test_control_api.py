@@ -15,12 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from flwr.cli.supernode.register import try_load_public_key
-from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
-from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
-from flwr.supercore.protobuf.translation import PROTOBUF_REQUEST_TYPES
 
 from fedhosp import certs, coordinator, processes
+from tests.flower_probes import (
+    PROTOBUF_MEDIA_TYPE,
+    PROTOBUF_REQUEST_TYPES,
+    ListNodesRequest,
+    RegisterNodeRequest,
+    try_load_public_key,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

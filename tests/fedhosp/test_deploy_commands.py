@@ -5,13 +5,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from flwr.common.config import parse_config_args
-from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
-from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
 from common.config import RunConfig, SiteConfig
 from common.errors import ConfigError
 from fedhosp import certs, coordinator, fleet_proxy, hospital
+from tests.flower_probes import parse_config_args, superlink_parser, supernode_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +32,7 @@ def server_opts(tmp_path):
 
 def test_superlink_runs_with_tls_node_auth_no_installs_on_loopback(server_opts):
     cmd = coordinator.superlink_command(server_opts)
-    args = _parse_args_run_superlink().parse_args(cmd[1:])
+    args = superlink_parser().parse_args(cmd[1:])
     assert (args.host, args.port, args.insecure, args.enable_supernode_auth) == ("127.0.0.1", 9100, False, True)
     assert args.runtime_dependency_install is False
     assert Path(args.ssl_certfile).name == "server.crt" and Path(args.ssl_ca_certfile).name == "ca.crt"
@@ -77,7 +75,7 @@ def test_supernode_gets_tls_auth_and_the_site_config(tmp_path):
     opts = hospital.ClientOptions(server="fl.example.org:9092", ca=tmp_path / "ca.crt", key=keys.private,
                                   data=tmp_path / "dicom data", device="cpu", privacy_budget=6.5, runtime_port=9200)
     cmd = hospital.supernode_command(opts)
-    args = _parse_args_run_supernode().parse_args(cmd[1:])
+    args = supernode_parser().parse_args(cmd[1:])
     assert args.superlink == "fl.example.org:9092" and not args.insecure
     assert Path(args.root_certificates).name == "ca.crt"
     assert Path(args.auth_supernode_private_key) == keys.private.resolve()

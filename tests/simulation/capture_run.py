@@ -1,7 +1,9 @@
-"""Run `fedhosp simulate` with a spy on the server's receive path; dump every reply a site sent.
+"""Run `fedhosp simulate --engine inprocess` with a spy on the wire; dump every reply a site sent.
 
-Usage: python capture_run.py OUT.json SIMULATE-ARGS...  (run as a subprocess: Ray stays out of pytest)
-The spy sits where the server receives (`server.app._send`), so it sees exactly what left each site.
+Usage: python capture_run.py OUT.json SIMULATE-ARGS...  (run as a subprocess, as a researcher runs it)
+The spy sits at the bottom of the server's grid stack, on the engine's own grid (below PackedGrid,
+server/assembly.py), so it sees each reply exactly as it crossed the wire a hospital uses: every
+ArrayRecord is recorded as it travelled (`packed`) and described as it unpacks.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-import server.app as server_app
+from common.flower_compat import packing
 from fedhosp.cli import main
+from simulation.clientapp import PARTITION_QUERY
+from simulation.inprocess import InProcessGrid
 
 
 def describe(msg: Message) -> dict[str, Any]:
@@ -23,8 +27,8 @@ def describe(msg: Message) -> dict[str, Any]:
         return out
     for name, record in msg.content.items():
         if isinstance(record, ArrayRecord):
-            arrays = {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in record.items()}
-            out["records"][name] = {"kind": "arrays", "items": arrays}
+            arrays = {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in packing.unpack(record).items()}
+            out["records"][name] = {"kind": "arrays", "items": arrays, "packed": packing.is_packed(record)}
         elif isinstance(record, (MetricRecord, ConfigRecord)):
             kind = "metrics" if isinstance(record, MetricRecord) else "config"
             out["records"][name] = {"kind": kind, "items": {k: _plain(v) for k, v in record.items()}}
@@ -39,14 +43,14 @@ def _plain(value: Any) -> Any:
 
 def run(dump: str, argv: list[str]) -> int:
     captured: list[dict[str, Any]] = []
-    receive = server_app._send
+    receive = InProcessGrid.pull_messages
 
-    def spy(grid, messages, cfg):
-        replies = receive(grid, messages, cfg)
-        captured.extend(describe(m) for m in replies)
+    def spy(grid, message_ids):
+        replies = receive(grid, message_ids)
+        captured.extend(describe(m) for m in replies if m.metadata.message_type != PARTITION_QUERY)
         return replies
 
-    server_app._send = spy
+    InProcessGrid.pull_messages = spy
     try:
         return main(argv)
     finally:

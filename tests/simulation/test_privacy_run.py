@@ -21,13 +21,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from client.site import Site
 from common import privacy
 from common.config import RunConfig, SiteConfig
 from common.data import synthetic
+from common.flower_compat import engine
 from common.ledger import PrivacyLedger
 from common.logs import PACKAGES
 from common.models import build_model
@@ -149,6 +149,7 @@ def _check_reply(reply: dict, names: set[str], shapes: dict[str, list[int]]) -> 
     assert set(metrics) <= allowed, set(metrics) - allowed
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()), metrics
     if "arrays" in records:
+        assert records["arrays"]["packed"]  # it crossed the wire a hospital's reply crosses in deployment
         arrays = records["arrays"]["items"]
         assert {k: a["shape"] for k, a in arrays.items()} == shapes  # the model's weights, nothing else
         assert {a["dtype"] for a in arrays.values()} == {"float32"}
@@ -199,10 +200,10 @@ class Collect(logging.Handler):
 
 def _send_to_site(content: RecordDict, kind: str, context: Context) -> Message:
     """What the engine does: a message from the server (node 0), answered by the site's ClientApp."""
-    TaskIdentity.node_id = 0
-    msg = Message(content, dst_node_id=context.node_id, message_type=kind)
-    TaskIdentity.node_id = context.node_id
-    return client_app(msg, context)
+    with engine.acting_as(context.run_id, 0):
+        msg = Message(content, dst_node_id=context.node_id, message_type=kind)
+    with engine.acting_as(context.run_id, context.node_id):
+        return client_app(msg, context)
 
 
 CASES = (("trains", 0, 0.0), ("trains with a corrupt file", 1, 0.0), ("refuses: budget", 0, 0.5),
@@ -215,26 +216,21 @@ def test_nothing_a_site_logs_or_prints_holds_a_header_value(budget_run, tmp_path
     names = header_values(hospitals)  # (the site's own log may name its files: it never leaves the site)
     with open(hospitals / "site-002" / "labels.csv", "a") as f:
         f.write("missing-file.dcm,1\n")  # a manifest naming a file that is not there: the site fails
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.task_id = 99, 1
     arrays = to_record(build_model("classification", "cnn"))
-    try:
-        with Collect() as logs:
-            for case, pid, budget in CASES:
-                cfg = {**_run_config(tmp_path, hospitals, budget), "state-root": str(tmp_path / case)}
-                context = Context(99, 7, {"partition-id": pid}, RecordDict(), {})
-                for kind in (MessageType.TRAIN, MessageType.EVALUATE):
-                    content = RecordDict({"arrays": arrays, "config": ConfigRecord({**cfg, "server-round": 1})})
-                    if case.startswith("fails"):
-                        with pytest.raises(RuntimeError) as failure:  # Flower sends str(exc) as the reason
-                            _send_to_site(content, kind, context)
-                        assert "missing-file" not in str(failure.value) and str(hospitals) not in str(failure.value)
-                        continue
-                    reply = _send_to_site(content, kind, context)
-                    refused = kind == MessageType.TRAIN and case.startswith("refuses")
-                    assert (STATUS in reply.content) == refused
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with Collect() as logs:
+        for case, pid, budget in CASES:
+            cfg = {**_run_config(tmp_path, hospitals, budget), "state-root": str(tmp_path / case)}
+            context = Context(99, 7, {"partition-id": pid}, RecordDict(), {})
+            for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+                content = RecordDict({"arrays": arrays, "config": ConfigRecord({**cfg, "server-round": 1})})
+                if case.startswith("fails"):
+                    with pytest.raises(RuntimeError) as failure:  # Flower sends str(exc) as the reason
+                        _send_to_site(content, kind, context)
+                    assert "missing-file" not in str(failure.value) and str(hospitals) not in str(failure.value)
+                    continue
+                reply = _send_to_site(content, kind, context)
+                refused = kind == MessageType.TRAIN and case.startswith("refuses")
+                assert (STATUS in reply.content) == refused
     logged = logs.text()
     out, err = capfd.readouterr()
     assert "refused" in logged and "missing-file" in logged  # the site's own log says what happened
