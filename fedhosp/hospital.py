@@ -26,12 +26,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from common import flower_compat
 from common.config import DEVICES
 from common.errors import ConfigError, FedhospError
 from common.flower_compat import waits as flower_waits
+from common.flower_compat.cli_output import REFUSED_KEY
 from fedhosp import processes, warm_clientapp
-
-REFUSED_KEY = "Failed to activate SuperNode"  # Flower's words when the SuperLink does not know the key
 
 
 class SiteRefused(FedhospError):
@@ -80,8 +80,9 @@ def supernode_command(opts: ClientOptions) -> list[str]:
 
 
 def launch_command(opts: ClientOptions, cmd: list[str]) -> list[str]:
-    """How `cmd` (Flower's `flower-supernode ...`) is started: behind flower_compat/waits.py unless --stock-waits."""
-    return flower_waits.supernode_command(cmd) if opts.short_waits else cmd
+    """How `cmd` (Flower's `flower-supernode ...`) is started: behind flower_compat/waits.py unless --stock-waits
+    or Flower's workarounds are off (`common.flower_compat.enabled()`)."""
+    return flower_waits.supernode_command(cmd) if opts.short_waits and flower_compat.enabled() else cmd
 
 
 def check(opts: ClientOptions) -> None:
@@ -123,10 +124,11 @@ def preflight_tls(opts: ClientOptions, timeout: float = 10.0) -> bool:
 
 def plan(opts: ClientOptions, home: Path, warm_dir: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     """The environment and the commands, in start order, that run this site: what `join` prints and runs.
-    With the zygote, its `flwr-clientapp` shim in `warm_dir` comes first on the SuperNode's PATH."""
+    With the zygote (a workaround: only while `common.flower_compat.enabled()`), its `flwr-clientapp` shim in
+    `warm_dir` comes first on the SuperNode's PATH."""
     env = processes.flower_env(home.resolve())
     commands: dict[str, list[str]] = {}
-    if opts.warm:
+    if opts.warm and flower_compat.enabled():
         socket_path = warm_dir / warm_clientapp.SOCKET_NAME
         warm_clientapp.write_shim(warm_dir, socket_path)
         env["PATH"] = str(warm_dir) + os.pathsep + env["PATH"]

@@ -2,8 +2,10 @@
 
 `fedhosp server` follows `flwr run --stream` for the run id and for our own log lines,
 `flwr ls --format json` for the run's status, and `fedhosp client` the SuperNode's output
-for a refused key. The words and line shapes below are Flower 1.41's; the tests in
-tests/common/flower_compat/ run the real CLI (or check its messages) so a change shows.
+for a refused key. The words and line shapes below are Flower 1.41's. They are held against the
+real processes: tests/fedhosp/test_deployment.py (`flwr run` and `flwr ls` on a real SuperLink:
+without the run id the coordinator cannot follow or resume its run) and
+tests/fedhosp/test_control_api.py (a real SuperNode with an unregistered key: `SiteRefused`).
 """
 
 from __future__ import annotations

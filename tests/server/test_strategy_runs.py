@@ -237,6 +237,21 @@ def test_run_log_is_json_per_round(data, tmp_path):
     assert line["round"] == 1 and line["sites_rejected"] == 0 and len(line["site_scores"]) == SITES
 
 
+def test_with_flowers_workarounds_off_the_stack_drops_them_and_the_run_is_the_same(data, tmp_path, monkeypatch):
+    """The packed wire and prompt polling are lossless speed-ups: switched off, the same weights come out."""
+    from common import flower_compat
+
+    on, _ = _run(data, tmp_path, "on", **{"num-server-rounds": 2})
+    monkeypatch.setenv(flower_compat.SWITCH, "off")
+    assert not flower_compat.enabled()
+    off, _ = _run(data, tmp_path, "off", **{"num-server-rounds": 2})
+    assert runlog.events(off / runlog.RUN_LOG)[0] == {"event": "grid", "layers": ["WaitingGrid", "InProcessGrid"]}
+    assert runlog.events(on / runlog.RUN_LOG)[0]["layers"] == ["WaitingGrid", "PromptGrid", "PackedGrid",
+                                                                "InProcessGrid"]
+    a, b = _weights(on), _weights(off)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedadagrad", "fedmedian", "krum", "bulyan"])
 def test_every_strategy_runs_rounds_and_keeps_the_models_dtype(data, tmp_path, strategy):
     extra = {"num-malicious-sites": 1} if strategy == "krum" else {}

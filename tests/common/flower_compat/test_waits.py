@@ -1,5 +1,6 @@
 """Flower's fixed deployment waits, shortened only where we start the process and only on the version we read."""
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -40,13 +41,59 @@ def test_the_supernode_loop_sleeps_less_only_where_flower_hard_codes_it(monkeypa
     assert slept[-1] == flower_waits.IDLE_PULL_S
 
 
-def test_the_real_supernode_module_still_sleeps_through_its_time_global():
-    """If Flower stops calling `time.sleep` through its module global, the patch would silently do nothing."""
-    from flwr.supernode import start_client_internal
+class _Stop(Exception):
+    """Ends Flower's endless SuperNode loop from inside a test."""
 
-    source = Path(start_client_internal.__file__).read_text()
-    assert start_client_internal.time is time or isinstance(start_client_internal.time, flower_waits._ShorterSleeps)
-    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+
+class _NodeState:
+    """The SuperNode's state: no reply is ready for the first two checks, then the test ends."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def set_node_id(self, node_id: int) -> None:
+        pass
+
+    def get_messages_legacy(self, is_reply: bool):
+        self.checks += 1
+        if self.checks > 2:
+            raise _Stop
+        return []
+
+
+def _sleeps_of_the_real_supernode_loop(monkeypatch, module) -> list[float]:
+    """Run Flower's own `start_client_internal` loop with no server: one idle pull, then a reply not yet
+    ready twice. What it sleeps is recorded, not slept."""
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    pulls = iter([None, 1])  # no message, then a message of run 1
+    monkeypatch.setattr(module, "_pull_and_store_message", lambda **kw: next(pulls))
+    monkeypatch.setattr(module, "register_signal_handlers", lambda **kw: None)
+
+    @contextlib.contextmanager
+    def connection(**kw):
+        yield (7, *(None,) * 7)  # node id, then the connection's calls (never reached)
+
+    monkeypatch.setattr(module, "_init_connection", connection)
+    state = _NodeState()
+    factory = types.SimpleNamespace(state=lambda: state,
+                                    objectstore_factory=types.SimpleNamespace(store=lambda: None))
+    with pytest.raises(_Stop):
+        module.start_client_internal(state_factory=factory, server_address="127.0.0.1:1", node_config={},
+                                     insecure=True, isolation="process")
+    return slept
+
+
+def test_the_real_supernode_loop_idles_and_waits_for_replies_shorter(monkeypatch):
+    """Flower's own loop, as shipped and shortened: fails if Flower stops sleeping 3 s / 0.5 s there, or stops
+    sleeping through its module's `time` (the patch would then silently do nothing)."""
+    from flwr.supernode import start_client_internal as module
+
+    monkeypatch.setattr(module, "time", time)  # as shipped; put back after the test
+    assert _sleeps_of_the_real_supernode_loop(monkeypatch, module) == [3, 0.5, 0.5]
+    assert flower_waits.shorten_supernode_loop(module)
+    shortened = _sleeps_of_the_real_supernode_loop(monkeypatch, module)
+    assert shortened == [flower_waits.IDLE_PULL_S, flower_waits.REPLY_CHECK_S, flower_waits.REPLY_CHECK_S]
 
 
 def test_object_pulls_retry_sooner(monkeypatch, flower_defaults):
