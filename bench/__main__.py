@@ -7,6 +7,7 @@ process outlives the benchmark). The load average is recorded before every secti
 shared machine, a figure measured under load is noise, and the table says so.
 
 Usage: python -m bench [--quick] [--only dp_overhead,framework,...] [--out bench/results.json]
+       [--page docs/performance.md]  (the page is written from the results: bench/performance_doc.py)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import machine, table
+from bench import machine, performance_doc, table
 from fedhosp import processes
 
 # Arguments per section: (full pass, --quick pass). Full: ~17 minutes on 2 idle cores, plus the venv on a fresh clone.
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller settings: a few minutes, noisier figures")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json")
+    parser.add_argument("--page", type=Path, default=performance_doc.PAGE,
+                        help="the Markdown page written from the results (default docs/performance.md)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"\nresults: {args.out}")
+    if args.page is not None:
+        print(f"page: {performance_doc.write(results, args.page)}")
     return 1 if any("error" in r for r in results["sections"].values()) else 0
 
 
