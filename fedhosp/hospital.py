@@ -11,6 +11,7 @@ a plaintext server is reported in one line instead of as endless reconnects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +34,8 @@ from common.errors import ConfigError, FedhospError
 from common.flower_compat import waits as flower_waits
 from common.flower_compat.cli_output import REFUSED_KEY
 from fedhosp import processes, warm_clientapp
+
+UMASK = 0o077  # patient-derived data at rest (caches, ledger, replies, logs) readable by the site's user only
 
 
 class SiteRefused(FedhospError):
@@ -146,9 +150,26 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
         with tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:
             _show(*plan(opts, home, Path(warm_dir)))
         return
+    with _private_files():
+        _run(opts, home, echo)
+
+
+@contextlib.contextmanager
+def _private_files() -> Iterator[None]:
+    """What this process writes is the site's user's only, whatever the shell's umask (its children get
+    UMASK explicitly, as printed)."""
+    saved = os.umask(UMASK)
+    try:
+        yield
+    finally:
+        os.umask(saved)
+
+
+def _run(opts: ClientOptions, home: Path, echo: TextIO) -> None:
     if not preflight_tls(opts):
         print(f"{opts.server} does not answer yet; the SuperNode keeps trying", file=echo, flush=True)
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    opts.state_dir.chmod(0o700)
     log_path = opts.state_dir / "supernode.log"
     lines: list[str] = []
     pumps: list[threading.Thread] = []
@@ -179,6 +200,7 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
 
 
 def _show(env: dict[str, str], commands: dict[str, list[str]]) -> None:
+    print(f"$ umask {UMASK:03o}", flush=True)
     processes.show_env(env)
     for cmd in commands.values():
         processes.show(cmd)
@@ -188,7 +210,7 @@ def _start(name: str, cmd: list[str], env: dict[str, str], log_path: Path, full:
            lines: list[str], pumps: list[threading.Thread]) -> processes.Child:
     """Start one of the site's processes with its output copied to the site's log and the console."""
     popen = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+                             stdin=subprocess.DEVNULL, start_new_session=True, umask=UMASK)
     pumps.append(threading.Thread(target=_pump, args=(popen, full, echo, lines), daemon=True))
     pumps[-1].start()
     return processes.Child(name, popen, log_path)

@@ -9,6 +9,7 @@ with the other two. Every Flower process started on the way is gone at the end.
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -138,5 +139,9 @@ def test_three_hospitals_stop_resume_and_a_dropout(deployment):
             if line["event"] == "train":
                 runs.setdefault(line["run-id"], []).append(line["round"])
         assert any(list(runs.values())[:len(rounds)] == rounds for rounds in expected), runs
+    for name in SITES:  # patient-derived data at rest: nothing of a site's readable by another user
+        state = base / name / "state"
+        shared = [p for p in [state, *state.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o077]
+        assert not shared, [f"{p}: {stat.filemode(p.stat().st_mode)}" for p in shared]
     print(f"\nphase 1 (start + round 1): {t1 - t0:.0f}s; phase 2 (restart + rounds 2-3 with a dropout): "
           f"{t2 - t1:.0f}s")

@@ -10,13 +10,15 @@ from fedhosp import certs, hospital, processes
 
 
 def _replay(printed: str) -> tuple[dict[str, str], list[list[str]]]:
-    """The environment and the commands a shell would run from the `$ ` lines."""
+    """The environment (and `umask`, as the key UMASK) and the commands a shell would run from the `$ ` lines."""
     env, commands = dict(os.environ), []
     for line in printed.splitlines():
         if not line.startswith("$ "):
             continue
         words = shlex.split(line[2:])
-        if words[0] == "export":
+        if words[0] == "umask":
+            env["UMASK"] = words[1]
+        elif words[0] == "export":
             env.update(w.split("=", 1) for w in words[1:])
         elif words[0] == "unset":
             for name in words[1:]:
@@ -43,7 +45,7 @@ def started(monkeypatch):
     real = subprocess.Popen
 
     def record(cmd, **kwargs):
-        calls.append((list(cmd), dict(kwargs["env"])))
+        calls.append((list(cmd), {**kwargs["env"], "UMASK": f"{kwargs.get('umask', -1):03o}"}))
         return real(["true"], **{k: v for k, v in kwargs.items() if k != "env"})
 
     monkeypatch.setattr(hospital.subprocess, "Popen", record)
@@ -57,6 +59,7 @@ def test_the_printed_environment_and_commands_are_the_ones_started(site, started
     assert commands == [argv for argv, _ in started]
     assert all(started_env == env for _, started_env in started)
     assert len(commands) == (2 if warm else 1) and commands[-1][3] == "flower-supernode"
+    assert env["UMASK"] == "077"  # every process of the site writes files its user only can read
     if warm:  # the SuperNode finds the zygote's shim before Flower's own flwr-clientapp
         assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(commands[0][-1])  # its socket's folder
 
