@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -84,7 +83,7 @@ def train(msg: Message, context: Context) -> RecordDict:
 def scaffold_correction(site: Site, run_id: str, control: ArrayRecord) -> tuple[dict, dict]:
     """c - c_i for every parameter; c_i is this site's control variate, zero in its first round."""
     c = control.to_torch_state_dict()
-    own = local_state.load(site.config.state_dir, "scaffold", run_id) or {k: torch.zeros_like(v) for k, v in c.items()}
+    own = local_state.load(site.state, "scaffold", run_id) or {k: torch.zeros_like(v) for k, v in c.items()}
     return {k: c[k] - own[k] for k in c}, own
 
 
@@ -95,7 +94,7 @@ def scaffold_step(site: Site, run_id: str, control: ArrayRecord, own: dict, star
     c, x, y = control.to_torch_state_dict(), start.to_torch_state_dict(), end.to_torch_state_dict()
     new, delta = drift.scaffold_update([c[k] for k in keys], [own[k] for k in keys], [x[k] for k in keys],
                                        [y[k] for k in keys], steps, site.run.learning_rate)
-    local_state.save(site.config.state_dir, "scaffold", run_id, dict(zip(keys, new, strict=True)))
+    local_state.save(site.state, "scaffold", run_id, dict(zip(keys, new, strict=True)))
     return ArrayRecord(dict(zip(keys, delta, strict=True)))
 
 
@@ -112,7 +111,7 @@ def _audit(site: Site, context: Context, event: str, server_round: int, values: 
     """The site's own record of what it did in which run (client/audit.py); it never leaves the site."""
     if site.run.run_name and site.run.run_name != str(context.run_id):
         values = {**values, "run-name": site.run.run_name}  # a resumed run: ε adds up under this name
-    audit.record(Path(site.config.state_dir), str(context.run_id), context.node_id, event, server_round, values)
+    audit.record(site.state, str(context.run_id), context.node_id, event, server_round, values)
 
 
 def _run_name(site: Site, context: Context) -> str:

@@ -14,41 +14,36 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from common.site_state import SiteState
+
 AUDIT_LOG = "audit.jsonl"
 CODE_PACKAGES = ("client", "common")  # what runs at the site and touches its data
 FAB_DIR = re.compile(r"\.([0-9a-f]{8,64})$")  # Flower's app folder: <publisher>.<name>.<version>.<hash prefix>
 
 
-def record(state_dir: Path, run_id: str, node_id: int, event: str, server_round: int,
+def record(state: SiteState | Path, run_id: str, node_id: int, event: str, server_round: int,
            values: Mapping[str, Any] | None = None) -> None:
     """Append one line: which run, which round, what the site did (train, evaluate, refused)."""
     line = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "run-id": run_id,
             "node-id": node_id, "event": event, "round": server_round, **app_identity(), **(values or {})}
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / AUDIT_LOG, "a") as f:
-        f.write(json.dumps(line, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    SiteState.at(state).append_line(AUDIT_LOG, json.dumps(line, default=str))
 
 
-def read(state_dir: Path) -> list[dict[str, Any]]:
-    path = state_dir / AUDIT_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read(state: SiteState | Path) -> list[dict[str, Any]]:
+    text = SiteState.at(state).read_text(AUDIT_LOG) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def summary(state_dir: Path) -> list[dict[str, Any]]:
+def summary(state: SiteState | Path) -> list[dict[str, Any]]:
     """One record per run, in order of first appearance: rounds trained, ε spent, app seen."""
     runs: dict[str, dict[str, Any]] = {}
-    for line in read(state_dir):
+    for line in read(state):
         run = runs.setdefault(line["run-id"], {"run-id": line["run-id"], "first": line["time"], "rounds": [],
                                                "evaluations": 0, "refused": 0, "epsilon": None,
                                                "epsilon-total": None, "app": ""})

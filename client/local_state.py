@@ -3,14 +3,14 @@ and SCAFFOLD's control variate, one file each per run in the site's state folder
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from common.site_state import SiteState
 
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, _BatchNorm)
 
@@ -24,19 +24,14 @@ def norm_keys(model: nn.Module) -> list[str]:
     return keys
 
 
-def load(state_dir: str | Path, kind: str, run_id: str) -> dict[str, torch.Tensor] | None:
-    path = file(state_dir, kind, run_id)
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+def load(state: SiteState | str | Path, kind: str, run_id: str) -> dict[str, torch.Tensor] | None:
+    return SiteState.at(state).load_tensors(name(kind, run_id))
 
 
-def save(state_dir: str | Path, kind: str, run_id: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    path = file(state_dir, kind, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+def save(state: SiteState | str | Path, kind: str, run_id: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    SiteState.at(state).save_tensors(name(kind, run_id), {k: v.detach().cpu() for k, v in tensors.items()})
 
 
-def file(state_dir: str | Path, kind: str, run_id: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
-    return Path(state_dir) / "local" / f"{kind}-{safe}.pt"
+def name(kind: str, run_id: str) -> str:
+    """`local/<kind>-<run id>.pt` in the site's state folder."""
+    return f"local/{SiteState.run_name(kind, run_id)}"

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord
 
 from client import local_state
 from common.config import RunConfig
+from common.site_state import SiteState
 
 KIND = "last-reply"
 # Settings a resumed coordinator may change that never reach a site's training.
@@ -39,21 +38,16 @@ def key(run_id: str, server_round: int, arrays: ArrayRecord, run: RunConfig) -> 
     return digest.hexdigest()
 
 
-def load(state_dir: str | Path, run_id: str, request: str) -> tuple[ArrayRecord, dict[str, Any]] | None:
+def load(state: SiteState | str | Path, run_id: str, request: str) -> tuple[ArrayRecord, dict[str, Any]] | None:
     """The reply sent for `request` in this run, if it was the last one."""
-    path = local_state.file(state_dir, KIND, run_id)
-    if not path.is_file():
-        return None
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    if stored.get("request") != request:
+    stored = SiteState.at(state).load_tensors(local_state.name(KIND, run_id))
+    if stored is None or stored.get("request") != request:
         return None
     return ArrayRecord(torch_state_dict=stored["arrays"]), json.loads(stored["metrics"])
 
 
-def save(state_dir: str | Path, run_id: str, request: str, arrays: ArrayRecord, metrics: dict[str, Any]) -> None:
+def save(state: SiteState | str | Path, run_id: str, request: str, arrays: ArrayRecord,
+         metrics: dict[str, Any]) -> None:
     """Before the reply leaves the site (atomic: a crash leaves the previous one or this one)."""
-    path = local_state.file(state_dir, KIND, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"request": request, "arrays": arrays.to_torch_state_dict(), "metrics": json.dumps(metrics)}, tmp)
-    os.replace(tmp, path)
+    stored = {"request": request, "arrays": arrays.to_torch_state_dict(), "metrics": json.dumps(metrics)}
+    SiteState.at(state).save_tensors(local_state.name(KIND, run_id), stored)

@@ -2,15 +2,14 @@
 
 Flower builds a new ClientApp for every message, so nothing here lives in module
 globals except a cache of decoded images (an optimisation: losing it costs time,
-not correctness). Everything that must persist between rounds is in `state_dir`.
+not correctness). Everything that must persist between rounds is in `state_dir`, read and
+written only through `common.site_state.SiteState` (`Site.state`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -29,12 +28,12 @@ from common.data.decode import decode_example
 from common.drift import DriftCorrectedSGD
 from common.errors import DataError, PrivacyBudgetExceeded
 from common.models import build_model
+from common.site_state import SiteState
 from common.weights import load_record, to_record
 
 log = logging.getLogger(__name__)
 _MEMO: dict[str, tuple[TensorDataset, TensorDataset]] = {}
 _MEMO_SIZE = 8
-SECRET_FILE = "site-secret"
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,11 @@ class Site:
     run: RunConfig
     config: SiteConfig
     index: int | None = None  # partition id in simulation: seeds this site's randomness
+
+    @property
+    def state(self) -> SiteState:
+        """The site's state folder: every file the site keeps is read and written through it."""
+        return SiteState.of(self.config)
 
     @property
     def device(self) -> torch.device:
@@ -53,7 +57,7 @@ class Site:
         examples = sources.load(root, self.run.task)
         params = {"decoder": "v2", "task": self.run.task, "image_size": self.run.image_size}
         split_key = f"{self.run.val_fraction}|{self.run.seed}|{self.run.num_classes}"
-        cache_dir = Path(self.config.state_dir) / "cache"
+        cache_dir = self.state.subfolder("cache")
         key = f"{root.resolve()}|{cache.cache_key(examples, root, params, cache_dir)}|{split_key}"
         if key not in _MEMO:
             decoded = cache.load_or_decode(
@@ -86,7 +90,7 @@ class Site:
         """The global model; with local-norm (FedBN), this site's own normalization layers in it."""
         model = build_model(self.run.task, self.run.model, 1, self.run.num_classes, self.run.image_size)
         load_record(model, arrays)
-        norms = local_state.load(self.config.state_dir, "norms", run_id) if self.run.local_norm and run_id else None
+        norms = local_state.load(self.state, "norms", run_id) if self.run.local_norm and run_id else None
         if norms:
             model.load_state_dict(norms, strict=False)
         return model.to(self.device)
@@ -95,7 +99,7 @@ class Site:
         if self.run.local_norm:
             state = model.state_dict()
             norms = {k: state[k] for k in local_state.norm_keys(model)}
-            local_state.save(self.config.state_dir, "norms", run_id, norms)
+            local_state.save(self.state, "norms", run_id, norms)
 
     def _optimizer(self, model: torch.nn.Module, correction: Mapping[str, torch.Tensor] | None) -> DriftCorrectedSGD:
         named = list(model.named_parameters())
@@ -115,19 +119,10 @@ class Site:
         """
         material = f"{self.run.seed}:{server_round}:{self.index or 0}"
         if self.run.dp_enabled:
-            material += ":" + self._secret().hex()
+            material += ":" + self.state.secret().hex()
         seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big") % 2**63
         torch.manual_seed(seed)
         return torch.Generator().manual_seed(seed)
-
-    def _secret(self) -> bytes:
-        path = Path(self.config.state_dir) / SECRET_FILE
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-        return path.read_bytes()
 
     def train(
         self, arrays: ArrayRecord, server_round: int, run_id: str,
@@ -141,49 +136,74 @@ class Site:
         train_set, _ = self.data()
         if len(train_set) == 0:
             raise DataError("the training split is empty: add images or lower val-fraction")
+        model, loader, optimizer = self._setup(arrays, server_round, run_id, correction, train_set)
+        if self.run.dp_enabled:
+            return self._train_dp(arrays, server_round, run_id, correction is None, model, loader, optimizer)
+        return self._train_plain(run_id, model, loader, optimizer)
+
+    def _setup(self, arrays: ArrayRecord, server_round: int, run_id: str,
+               correction: Mapping[str, torch.Tensor] | None,
+               train_set: TensorDataset) -> tuple[torch.nn.Module, DataLoader, DriftCorrectedSGD]:
         generator = self._generator(server_round)
         model = self.model(arrays, run_id)
         loader = DataLoader(train_set, batch_size=self.run.batch_size, shuffle=True, generator=generator)
-        optimizer = self._optimizer(model, correction)
-        metrics: dict[str, Any] = {"num-examples": len(train_set), "site-weight": 1}
-        if not self.run.dp_enabled:
-            self._check_budget(ledger.PrivacyLedger(Path(self.config.state_dir)), None)
-            metrics["train-loss"] = training.train(model, loader, optimizer, self.run.local_epochs, self.device,
-                                                   training.LOSSES[self.run.task])
-            metrics["local-steps"] = optimizer.steps
-            self._keep_norms(model, run_id)
-            return to_record(model), metrics
+        return model, loader, self._optimizer(model, correction)
 
-        request = replay.key(run_id, server_round, arrays, self.run) if correction is None else None
-        sent = replay.load(self.config.state_dir, run_id, request) if request else None
+    def _train_plain(self, run_id: str, model: torch.nn.Module, loader: DataLoader,
+                     optimizer: DriftCorrectedSGD) -> tuple[ArrayRecord, dict[str, Any]]:
+        self._check_budget(self._ledger(), None)
+        metrics = {**self._counts(loader), "train-loss": self._fit(model, loader, optimizer),
+                   "local-steps": optimizer.steps}
+        return self._finish(model, run_id), metrics
+
+    def _train_dp(self, arrays: ArrayRecord, server_round: int, run_id: str, replayable: bool, model: torch.nn.Module,
+                  loader: DataLoader, optimizer: DriftCorrectedSGD) -> tuple[ArrayRecord, dict[str, Any]]:
+        """DP-SGD within the run's target and the site's budget; a round asked again gets the same reply
+        (`replayable`: no SCAFFOLD correction, whose state the stored reply would not match)."""
+        request = replay.key(run_id, server_round, arrays, self.run) if replayable else None
+        sent = replay.load(self.state, run_id, request) if request else None
         if sent is not None:  # this round again, as after a coordinator's resume: the same reply, no new ε
-            book = ledger.PrivacyLedger(Path(self.config.state_dir))
             log.info("round %d of run %s: trained already; sending the same reply again", server_round, run_id)
-            return sent[0], {**sent[1], "epsilon": privacy.epsilon(book.history(run_id), self.run.dp_target_delta),
-                             "epsilon-total": book.total_epsilon()}
+            return sent[0], {**sent[1], **self._spent(self._ledger(), run_id, self.run.dp_target_delta)}
+        counts = self._counts(loader)
         dp = privacy.plan(
-            self.run.dp_target_epsilon, self.run.dp_target_delta, len(train_set), self.run.batch_size,
-            self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm,
-            cache_dir=Path(self.config.state_dir),
+            self.run.dp_target_epsilon, self.run.dp_target_delta, counts["num-examples"], self.run.batch_size,
+            self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm, state=self.state,
         )
-        with ledger.PrivacyLedger(Path(self.config.state_dir)).locked() as book:
+        with self._ledger().locked() as book:
             self._check_run_target(book, dp, run_id)
             self._check_budget(book, dp)
             engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
-            metrics["train-loss"] = training.train(module, loader, optimizer, self.run.local_epochs, self.device,
-                                                   training.LOSSES[self.run.task])
+            loss = self._fit(module, loader, optimizer)
             spent = [tuple(h) for h in engine.accountant.history]
             book.append(ledger.Entry(run_id, server_round, dp.noise_multiplier, dp.sample_rate,
                                      sum(n for _, _, n in spent), dp.delta, spent))
-        metrics["epsilon"] = privacy.epsilon(book.history(run_id), dp.delta)
-        metrics["epsilon-total"] = book.total_epsilon()
-        metrics["noise-multiplier"] = dp.noise_multiplier
-        metrics["local-steps"] = optimizer.original_optimizer.steps
-        self._keep_norms(model, run_id)
-        reply = to_record(model)
+        metrics = {**counts, "train-loss": loss, **self._spent(book, run_id, dp.delta),
+                   "noise-multiplier": dp.noise_multiplier, "local-steps": optimizer.original_optimizer.steps}
+        reply = self._finish(model, run_id)
         if request:
-            replay.save(self.config.state_dir, run_id, request, reply, metrics)
+            replay.save(self.state, run_id, request, reply, metrics)
         return reply, metrics
+
+    def _ledger(self) -> ledger.PrivacyLedger:
+        return ledger.PrivacyLedger(self.state)
+
+    @staticmethod
+    def _counts(loader: DataLoader) -> dict[str, Any]:
+        return {"num-examples": len(loader.dataset), "site-weight": 1}
+
+    @staticmethod
+    def _spent(book: ledger.PrivacyLedger, run_id: str, delta: float) -> dict[str, float]:
+        return {"epsilon": privacy.epsilon(book.history(run_id), delta), "epsilon-total": book.total_epsilon()}
+
+    def _fit(self, model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> float:
+        return training.train(model, loader, optimizer, self.run.local_epochs, self.device,
+                              training.LOSSES[self.run.task])
+
+    def _finish(self, model: torch.nn.Module, run_id: str) -> ArrayRecord:
+        """What both paths end with: FedBN's layers kept on the site, the rest sent."""
+        self._keep_norms(model, run_id)
+        return to_record(model)
 
     @property
     def budget(self) -> float:

@@ -35,3 +35,7 @@ class PrivacyLedgerError(FedhospError):
 
 class ModelFileError(FedhospError):
     """A model file cannot be used here: another format version, no model card, or the wrong task."""
+
+
+class SiteStateError(FedhospError):
+    """A file in a site's state folder is unusable (a truncated secret) or a name points outside it."""

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from common.errors import PrivacyLedgerError
 from common.privacy import History, epsilon
+from common.site_state import SiteState
 
 LEDGER_FILE = "privacy-ledger.json"
 ANCHOR_FILE = "privacy-ledger.anchor"
+LOCK_FILE = "privacy-ledger.lock"
 FORMAT = 1
 GENESIS = "0" * 64
 
@@ -61,12 +61,13 @@ class Entry:
 
 
 class PrivacyLedger:
-    """The ledger of one site, in `state_dir`."""
+    """The ledger of one site, in its state folder."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / LEDGER_FILE
-        self.anchor = Path(state_dir) / ANCHOR_FILE
-        self._lock: IO[str] | None = None
+    def __init__(self, state: SiteState | Path) -> None:
+        self.state = SiteState.at(state)
+        self.path = self.state.path_for(LEDGER_FILE)
+        self.anchor = self.state.path_for(ANCHOR_FILE)
+        self._locked = False
 
     def entries(self) -> list[Entry]:
         return [Entry.from_json(e["entry"]) for e in self._read()]
@@ -91,17 +92,15 @@ class PrivacyLedger:
     def locked(self) -> Iterator[PrivacyLedger]:
         """Hold the site's ledger from the budget check to the append: two runs training on one
         site at once must not both pass the check on the same total."""
-        if self._lock is not None:
+        if self._locked:
             yield self
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._lock = lock
+        with self.state.lock(LOCK_FILE):
+            self._locked = True
             try:
                 yield self
             finally:
-                self._lock = None
+                self._locked = False
 
     def append(self, entry: Entry) -> None:
         """Add one round; the write is atomic and extends the hash chain."""
@@ -114,33 +113,36 @@ class PrivacyLedger:
                            "time": entry.time or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
         prev = records[-1]["hash"] if records else GENESIS
         records.append({"entry": stamped.to_json(), "prev": prev, "hash": _chain(prev, stamped.to_json())})
-        _write_json(self.path, {"format": FORMAT, "records": records})
-        _write_json(self.anchor, {"format": FORMAT, "entries": len(records), "head": records[-1]["hash"]})
+        self.state.write_json(LEDGER_FILE, {"format": FORMAT, "records": records}, indent=1)
+        self.state.write_json(ANCHOR_FILE, {"format": FORMAT, "entries": len(records), "head": records[-1]["hash"]},
+                              indent=1)
 
     def _read(self) -> list[dict[str, Any]]:
         anchor = self._anchor()
-        if not self.path.is_file():
+        records = self._records()
+        if records is None:
             if anchor["entries"]:
                 raise PrivacyLedgerError(
                     f"{self.path} is missing but {self.anchor} records {anchor['entries']} DP rounds: "
                     "restore the ledger from backup; fedhosp will not start a site's budget from zero"
                 )
             return []
-        try:
-            data = json.loads(self.path.read_text())
-            records = list(data["records"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PrivacyLedgerError(f"{self.path} cannot be read ({exc}): restore it from backup") from None
         self._verify(records, anchor)
         return records
 
-    def _anchor(self) -> dict[str, Any]:
-        if not self.anchor.is_file():
-            return {"entries": 0, "head": GENESIS}
+    def _records(self) -> list[dict[str, Any]] | None:
         try:
-            return json.loads(self.anchor.read_text())
+            data = self.state.read_json(LEDGER_FILE)
+            return None if data is None else list(data["records"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PrivacyLedgerError(f"{self.path} cannot be read ({exc}): restore it from backup") from None
+
+    def _anchor(self) -> dict[str, Any]:
+        try:
+            anchor = self.state.read_json(ANCHOR_FILE)
         except ValueError:
             raise PrivacyLedgerError(f"{self.anchor} cannot be read: restore it from backup") from None
+        return {"entries": 0, "head": GENESIS} if anchor is None else anchor
 
     def _verify(self, records: Sequence[dict[str, Any]], anchor: dict[str, Any]) -> None:
         prev = GENESIS
@@ -178,12 +180,3 @@ def concat(entries: Iterable[Entry]) -> History:
 def _chain(prev: str, entry: Any) -> str:
     return hashlib.sha256((prev + json.dumps(entry, sort_keys=True)).encode()).hexdigest()
 
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
 from common.models import grad_sample_mode
+from common.site_state import SiteState
 
 ACCOUNTANT = "rdp"
 NOISE_CACHE = "noise-multipliers.json"  # in a site's state folder: see noise_multiplier
@@ -62,7 +61,7 @@ def plan(
     epochs_per_round: int,
     rounds: int,
     max_grad_norm: float,
-    cache_dir: Path | None = None,
+    state: SiteState | Path | None = None,
 ) -> DPPlan:
     if delta >= 1.0 / num_examples:
         raise ConfigError(
@@ -72,13 +71,13 @@ def plan(
     steps_per_epoch = math.ceil(num_examples / batch_size)  # Opacus's Poisson loader length
     sample_rate = 1.0 / steps_per_epoch
     steps = steps_per_epoch * epochs_per_round * rounds
-    sigma = noise_multiplier(target_epsilon, delta, sample_rate, steps, cache_dir)
+    sigma = noise_multiplier(target_epsilon, delta, sample_rate, steps, state)
     return DPPlan(sigma, sample_rate, max_grad_norm, delta, steps, steps_per_epoch * epochs_per_round)
 
 
 def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                     cache_dir: Path | None = None) -> float:
-    """Opacus's noise multiplier for these four numbers, kept in memory and, given a folder, in a file there.
+                     state: SiteState | Path | None = None) -> float:
+    """Opacus's noise multiplier for these four numbers, kept in memory and, given a site's folder, in a file there.
 
     The search takes 3-5 s and every round of a run asks it the same question, but in
     deployment every round is a new process and in simulation a site lands on any of the
@@ -90,15 +89,16 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     key = json.dumps([target_epsilon, delta, sample_rate, steps])
     if key in _KNOWN:
         return _KNOWN[key]
-    known = _read_cache(cache_dir)
+    site = SiteState.at(state) if state is not None else None
+    known = _read_cache(site)
     cached = known.get(key)
     if isinstance(cached, float) and cached > 0 and \
             target_epsilon - SEARCH_TOLERANCE <= epsilon([(cached, sample_rate, steps)], delta) <= target_epsilon:
         sigma = cached  # what the search would answer: within its tolerance below the target
     else:
         sigma = _search(target_epsilon, delta, sample_rate, steps)
-        if cache_dir is not None:
-            _write_cache(cache_dir, {**known, key: sigma})
+        if site is not None:
+            _write_cache(site, {**known, key: sigma})
     _KNOWN[key] = sigma
     return sigma
 
@@ -111,24 +111,20 @@ def forget() -> None:
     _KNOWN.clear()
 
 
-def _read_cache(cache_dir: Path | None) -> dict[str, object]:
-    if cache_dir is None:
+def _read_cache(state: SiteState | None) -> dict[str, object]:
+    if state is None:
         return {}
     try:
-        known = json.loads((cache_dir / NOISE_CACHE).read_text())
+        known = state.read_json(NOISE_CACHE)
     except (OSError, ValueError):
         return {}
     return known if isinstance(known, dict) else {}
 
 
-def _write_cache(cache_dir: Path, known: dict[str, object]) -> None:
+def _write_cache(state: SiteState, known: dict[str, object]) -> None:
     """Atomically (a reader never sees half a file); a cache that cannot be written is only slower."""
     with contextlib.suppress(OSError):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=NOISE_CACHE, suffix=".tmp")
-        with os.fdopen(fd, "w") as out:
-            json.dump(known, out)
-        os.replace(tmp, cache_dir / NOISE_CACHE)
+        state.write_json(NOISE_CACHE, known)
 
 
 def _search(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

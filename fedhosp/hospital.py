@@ -33,8 +33,10 @@ from common.config import DEVICES
 from common.errors import ConfigError, FedhospError
 from common.flower_compat import waits as flower_waits
 from common.flower_compat.cli_output import REFUSED_KEY
+from common.site_state import SiteState
 from fedhosp import processes, warm_clientapp
 
+FLOWER_HOME, SUPERNODE_LOG = "flwr-home", "supernode.log"  # in the site's state folder (common/site_state.py)
 UMASK = 0o077  # patient-derived data at rest (caches, ledger, replies, logs) readable by the site's user only
 
 
@@ -145,7 +147,7 @@ def join(opts: ClientOptions, echo: TextIO = sys.stdout) -> None:
     """Run the SuperNode until it stops; raise SiteRefused with the reason if it was turned away.
     First print the environment and every command it starts, exactly (`--dry-run`: only that)."""
     check(opts)
-    home = opts.state_dir / "flwr-home"
+    home = SiteState(opts.state_dir).path_for(FLOWER_HOME)  # only named: a dry run writes nothing
     if opts.dry_run:  # touches nothing of the site's
         with tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:
             _show(*plan(opts, home, Path(warm_dir)))
@@ -168,12 +170,12 @@ def _private_files() -> Iterator[None]:
 def _run(opts: ClientOptions, home: Path, echo: TextIO) -> None:
     if not preflight_tls(opts):
         print(f"{opts.server} does not answer yet; the SuperNode keeps trying", file=echo, flush=True)
-    opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    opts.state_dir.chmod(0o700)
-    log_path = opts.state_dir / "supernode.log"
+    state = SiteState(opts.state_dir)
+    state.subfolder(FLOWER_HOME).folder()  # the state folder and Flower's home in it: 0700
+    log_path = state.path_for(SUPERNODE_LOG)
     lines: list[str] = []
     pumps: list[threading.Thread] = []
-    with processes.stopping_on_sigterm(), open(log_path, "a") as full, \
+    with processes.stopping_on_sigterm(), state.open_append(SUPERNODE_LOG) as full, \
             tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:  # 0700; a short UNIX socket path
         env, commands = plan(opts, home, Path(warm_dir))
         _show(env, commands)

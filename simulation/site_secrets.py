@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-from pathlib import Path
 
-from client.site import SECRET_FILE
 from common.config import RunConfig
+from common.site_state import SECRET_FILE, SiteState
 
 DOMAIN = b"fedhosp simulation site secret v1"
 
@@ -29,14 +27,7 @@ def derived(seed: int, partition_id: int) -> bytes:
 def write(cfg: RunConfig, sites: int) -> None:
     """Put the derived secret in every virtual site's state folder (mode 0600, atomically)."""
     for pid in range(sites):
-        folder = Path(cfg.site_state_dir(pid))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / SECRET_FILE
+        state = SiteState(cfg.site_state_dir(pid))
         secret = derived(cfg.seed, pid)
-        if path.is_file() and path.read_bytes() == secret:
-            continue
-        tmp = folder / f".{SECRET_FILE}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret)
-        os.replace(tmp, path)
+        if state.read_bytes(SECRET_FILE) != secret:
+            state.write_bytes(SECRET_FILE, secret)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from common.data import digests
 from common.data.example import Example
 from common.errors import DataError, FedhospError, MaskMismatch
+from common.site_state import SiteState
 
 log = logging.getLogger(__name__)
 FORMAT = 3
@@ -42,10 +42,11 @@ class Decoded:
     splits: tuple[str, ...] = ()  # per row: "train" / "val" where the source fixed it, else ""
 
 
-def cache_key(examples: Sequence[Example], root: Path, params: dict, cache_dir: Path | None = None) -> str:
+def cache_key(examples: Sequence[Example], root: Path, params: dict,
+              cache_dir: SiteState | Path | None = None) -> str:
     """A digest of the files' contents, the examples and `params`; `cache_dir` reuses saved file digests."""
     if cache_dir is not None:
-        digests.load(Path(cache_dir) / DIGESTS)
+        digests.load(SiteState.at(cache_dir), DIGESTS)
     key = hashlib.sha256(json.dumps({"format": FORMAT, **params}, sort_keys=True).encode())
     for e in examples:
         fields = [_base(e, root), digests.digest(e.path), e.label, e.frame, e.split, e.group]
@@ -58,26 +59,23 @@ def cache_key(examples: Sequence[Example], root: Path, params: dict, cache_dir: 
 def load_or_decode(
     examples: Sequence[Example],
     root: Path,
-    cache_dir: Path,
+    cache_dir: SiteState | Path,
     params: dict,
     decode: Callable[[Example], tuple[np.ndarray, np.ndarray | int]],
 ) -> Decoded:
-    """Decode every example once; unreadable files are skipped and listed, not fatal."""
-    cache_dir = Path(cache_dir)
+    """Decode every example once; unreadable files are skipped and listed, not fatal.
+
+    `cache_dir` is a site's own cache folder (`SiteState.subfolder`); tools pass a plain folder."""
+    state = SiteState.at(cache_dir)
     hashed_before = digests.hashed
-    path = cache_dir / f"decoded-{cache_key(examples, root, params, cache_dir)}.npz"
-    decoded = None
-    if path.is_file():
-        try:
-            decoded = _read(path)
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("decode cache %s is unreadable (%s); decoding again", path.name, exc)
+    name = f"decoded-{cache_key(examples, root, params, state)}.npz"
+    decoded = _read(state, name)
     if decoded is None:
         decoded = _decode_all(examples, root, decode)
-        _write(path, decoded)
+        _write(state, name, decoded)
     if digests.hashed != hashed_before:
         files = {e.path for e in examples} | {e.mask for e in examples if e.mask is not None}
-        digests.save(cache_dir / DIGESTS, files)
+        digests.save(state, DIGESTS, files)
     return decoded
 
 
@@ -115,18 +113,22 @@ def _decode_all(examples, root, decode) -> Decoded:
                    tuple(groups), tuple(splits))
 
 
-def _write(path: Path, d: Decoded) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=d.images, targets=d.targets.astype(np.uint8 if d.targets.max() < 256 else np.int64),
-             names=np.asarray(d.names), groups=np.asarray(d.groups), splits=np.asarray(d.splits),
-             skipped=np.asarray(d.skipped, dtype=str).reshape(-1, 2))
-    os.replace(tmp, path)
+def _write(state: SiteState, name: str, d: Decoded) -> None:
+    state.save_npz(name, images=d.images,
+                   targets=d.targets.astype(np.uint8 if d.targets.max() < 256 else np.int64),
+                   names=np.asarray(d.names), groups=np.asarray(d.groups), splits=np.asarray(d.splits),
+                   skipped=np.asarray(d.skipped, dtype=str).reshape(-1, 2))
 
 
-def _read(path: Path) -> Decoded:
-    with np.load(path, allow_pickle=False) as z:
+def _read(state: SiteState, name: str) -> Decoded | None:
+    """The cached decode, or None where it is missing or damaged (then it is simply decoded again)."""
+    try:
+        z = state.load_npz(name)
+        if z is None:
+            return None
         skipped = tuple((str(a), str(b)) for a, b in z["skipped"])
-        targets = z["targets"].astype(np.int64)
-        return Decoded(z["images"], targets, tuple(str(n) for n in z["names"]), skipped,
+        return Decoded(z["images"], z["targets"].astype(np.int64), tuple(str(n) for n in z["names"]), skipped,
                        tuple(str(g) for g in z["groups"]), tuple(str(s) for s in z["splits"]))
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("decode cache %s is unreadable (%s); decoding again", name, exc)
+        return None

@@ -12,10 +12,11 @@ them only costs one re-hash.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from common.site_state import SiteState
 
 CHUNK = 1 << 20
 _KNOWN: dict[str, tuple[list[int], str]] = {}  # absolute path -> (witness, sha256)
@@ -40,23 +41,19 @@ def digest(path: Path) -> str:
     return _KNOWN[key][1]
 
 
-def load(store: Path) -> None:
+def load(state: SiteState, name: str) -> None:
     """Merge witnesses saved by an earlier process; a missing or damaged store is ignored."""
     try:
-        saved = json.loads(Path(store).read_text())
+        saved = state.read_json(name) or {}
         _KNOWN.update({k: (list(v[0]), str(v[1])) for k, v in saved.items() if k not in _KNOWN})
     except (OSError, ValueError, TypeError, IndexError, AttributeError):
         return
 
 
-def save(store: Path, paths: Iterable[Path]) -> None:
+def save(state: SiteState, name: str, paths: Iterable[Path]) -> None:
     """Write the witnesses of `paths` (this site's files only) atomically."""
     entries = {k: _KNOWN[k] for k in (os.path.abspath(p) for p in paths) if k in _KNOWN}
-    store = Path(store)
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, store)
+    state.write_json(name, entries)
 
 
 def forget() -> None:

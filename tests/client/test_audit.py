@@ -3,11 +3,11 @@
 import json
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import audit
 from client.app import app as client_app
 from common.config import RunConfig
+from common.flower_compat.engine import acting_as
 from common.models import build_model
 from common.weights import plain_state_dict
 
@@ -17,19 +17,15 @@ def test_every_train_and_evaluate_is_appended_and_folded_per_run(tmp_path, hospi
     node_config = {"data-path": str(hospitals / "site-000"), "state-dir": str(state), "device": "cpu"}
     cfg = RunConfig(num_server_rounds=2, local_epochs=1, dp_target_epsilon=4.0, client_threads=1)
     weights = ArrayRecord(torch_state_dict=plain_state_dict(build_model("classification", "cnn", image_size=32)))
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    try:
-        for run_id, kinds in ((11, ("train", "evaluate", "train")), (12, ("evaluate",))):
-            for server_round, kind in enumerate(kinds, start=1):
-                TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, server_round
+    for run_id, kinds in ((11, ("train", "evaluate", "train")), (12, ("evaluate",))):
+        for server_round, kind in enumerate(kinds, start=1):
+            with acting_as(run_id, 0, server_round):  # the server's message to node 5
                 msg = Message(RecordDict({"arrays": weights, "config": ConfigRecord(
                     {**cfg.to_mapping(), "server-round": server_round})}), dst_node_id=5, message_type=kind)
-                TaskIdentity.node_id = 5
-                context = Context(run_id=run_id, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+            context = Context(run_id=run_id, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+            with acting_as(run_id, 5, server_round):  # node 5 answers it
                 reply = client_app(msg, context)
-                assert not reply.has_error(), reply.error if reply.has_error() else ""
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+            assert not reply.has_error(), reply.error if reply.has_error() else ""
 
     lines = [json.loads(line) for line in (state / audit.AUDIT_LOG).read_text().splitlines()]
     assert [(r["run-id"], r["event"], r["round"]) for r in lines] == [

@@ -139,21 +139,21 @@ def test_added_noise_has_the_expected_standard_deviation():
 def test_noise_multiplier_is_searched_once_per_site_and_a_weaker_cached_value_is_refused(tmp_path, monkeypatch):
     args = (8.0, 1e-4, 0.2, 60)
     privacy.forget()
-    sigma = privacy.noise_multiplier(*args, cache_dir=tmp_path)
+    sigma = privacy.noise_multiplier(*args, state=tmp_path)
     assert sigma == privacy._search(*args)  # what Opacus's own search answers
     privacy.forget()  # a new process (a deployment round, another Ray worker) reads the site's file
     monkeypatch.setattr(privacy, "_search", lambda *a: pytest.fail("searched again"))
-    assert privacy.noise_multiplier(*args, cache_dir=tmp_path) == sigma
+    assert privacy.noise_multiplier(*args, state=tmp_path) == sigma
     monkeypatch.undo()
 
     cache = tmp_path / privacy.NOISE_CACHE
     cache.write_text(cache.read_text().replace(repr(sigma), repr(sigma / 2)))  # edited: half the noise
     privacy.forget()
     assert privacy.epsilon([(sigma / 2, 0.2, 60)], 1e-4) > 8.0
-    assert privacy.noise_multiplier(*args, cache_dir=tmp_path) == sigma  # refused, searched again
+    assert privacy.noise_multiplier(*args, state=tmp_path) == sigma  # refused, searched again
     cache.write_text(cache.read_text().replace(repr(sigma), repr(sigma * 2)))  # edited: twice the noise
     privacy.forget()
-    assert privacy.noise_multiplier(*args, cache_dir=tmp_path) == sigma  # refused too: not what was planned
+    assert privacy.noise_multiplier(*args, state=tmp_path) == sigma  # refused too: not what was planned
     cache.write_text("not json")
     privacy.forget()
-    assert privacy.noise_multiplier(*args, cache_dir=tmp_path) == sigma
+    assert privacy.noise_multiplier(*args, state=tmp_path) == sigma
