@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench lock clean
+.PHONY: demo test lint bench gpu-check lock clean
 
 LOCK := requirements.lock
 BOOTSTRAP := $(VENV)/bootstrap.lock
@@ -47,6 +47,11 @@ lint: $(STAMP)
 # Every benchmark in bench/: one table, and bench/results.json. QUICK=1: a shorter, noisier pass.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(if $(QUICK),--quick)
+
+# On a machine with a GPU (<= 5 min): GPU against CPU for every model's plain and DP steps, DP cost there,
+# and a 3-site simulation with --gpus-per-site; non-zero exit on any mismatch (bench/gpu_check.py).
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -61,35 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accepted for symmetry: every site gets labels.csv and masks (masks.csv) alike")
     synth.set_defaults(handler=cmd_synth)
 
-    sim = sub.add_parser("simulate", help="federate virtual hospitals on this machine")
-    sim.add_argument("--sites", type=int, default=5, help="number of virtual hospitals (default 5)")
-    sim.add_argument("--rounds", type=int, default=None, help="server rounds (default: pyproject's)")
-    sim.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    sim.add_argument("--data", type=Path, default=None,
-                     help="existing hospitals (site-000/, site-001/, ...) instead of synthetic ones; or, with "
-                          "--partition or a .npz, one pool to split into sites (MedMNIST .npz, labelled folder)")
-    sim.add_argument("--partition", choices=PARTITION_SCHEMES, default=None,
-                     help="split one pool (--data, or synthetic) into the sites: iid, dirichlet (label skew), "
-                          "quantity (size skew)")
-    sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition (default 0.5)")
-    sim.add_argument("--scanner-shift", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
-                     help="each split site its own scanner (intensity, gamma, noise, blur, resolution); 1 = strong")
-    sim.add_argument("--baselines", action="store_true",
-                     help="also train pooled and local-only models, scored on the same held-out data")
-    sim.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
-                     help="ray: Flower's simulation engine (default); inprocess: the same apps, one site at a time")
-    sim.add_argument("--random-site-secrets", action="store_true",
-                     help="DP noise from random per-site secrets, as real sites do (default: derived from --seed)")
-    sim.add_argument("--task", choices=TASKS, default=None, help="classification (default) or segmentation")
-    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-    sim.add_argument("--epsilon", type=float, default=None, help="target ε for the whole run")
-    sim.add_argument("--seed", type=int, default=None)
-    sim.add_argument("--images-per-site", type=int, default=500, help="synthetic images per site (default 500)")
-    sim.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores reserved per virtual site")
-    sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
-                     help="any run setting, as for `flwr run --run-config`")
-    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sim = sub.add_parser("simulate", help="federate virtual hospitals on this machine or a Ray cluster")
+    add_simulate_arguments(sim)
     sim.set_defaults(handler=cmd_simulate)
+
+    sweep = sub.add_parser("sweep", help="one simulation per combination of settings; a table over seeds")
+    sweep.add_argument("--grid", required=True, metavar='"KEY=V1,V2 ..."',
+                       help='run settings to combine, e.g. "strategy=fedavg,fedprox dp-target-epsilon=1,8 seed=0,1,2"')
+    add_simulate_arguments(sweep, out=Path("runs/sweep"))
+    sweep.set_defaults(handler=cmd_sweep)
 
     insp = sub.add_parser("inspect", help="what a site's data folder holds, and whether it is ready to train")
     insp.add_argument("data", type=Path, metavar="DATA", help="the site's data folder")
@@ -119,6 +100,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_deploy_commands(sub)  # certs, server, client, audit: fedhosp/deploy_cli.py
     return parser
+
+
+def add_simulate_arguments(sim: argparse.ArgumentParser, out: Path = Path("runs/demo")) -> None:
+    """The options of one simulation: `simulate` takes them, and `sweep` for every cell of its grid."""
+    sim.add_argument("--sites", type=int, default=5, help="number of virtual hospitals (default 5)")
+    sim.add_argument("--rounds", type=int, default=None, help="server rounds (default: pyproject's)")
+    sim.add_argument("--out", type=Path, default=out, help=f"output folder (default {out})")
+    sim.add_argument("--data", type=Path, default=None,
+                     help="existing hospitals (site-000/, site-001/, ...) instead of synthetic ones; or, with "
+                          "--partition or a .npz, one pool to split into sites (MedMNIST .npz, labelled folder)")
+    sim.add_argument("--partition", choices=PARTITION_SCHEMES, default=None,
+                     help="split one pool (--data, or synthetic) into the sites: iid, dirichlet (label skew), "
+                          "quantity (size skew)")
+    sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition (default 0.5)")
+    sim.add_argument("--scanner-shift", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
+                     help="each split site its own scanner (intensity, gamma, noise, blur, resolution); 1 = strong")
+    sim.add_argument("--baselines", action="store_true",
+                     help="also train pooled and local-only models, scored on the same held-out data")
+    sim.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                     help="ray: Flower's simulation engine (default); inprocess: the same apps, one site at a time")
+    sim.add_argument("--random-site-secrets", action="store_true",
+                     help="DP noise from random per-site secrets, as real sites do (default: derived from --seed)")
+    sim.add_argument("--task", choices=TASKS, default=None, help="classification (default) or segmentation")
+    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    sim.add_argument("--epsilon", type=float, default=None, help="target ε for the whole run")
+    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--images-per-site", type=int, default=500, help="synthetic images per site (default 500)")
+    sim.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores reserved per virtual site")
+    sim.add_argument("--gpus-per-site", type=float, default=0.0, metavar="SHARE",
+                     help="GPU share Ray reserves per virtual site, e.g. 0.25: four sites per GPU (default 0: CPU)")
+    sim.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="run on this Ray cluster (`ray start --head` prints it; default $RAY_ADDRESS, else a Ray "
+                          "of its own on this machine); data and --out on a path every node sees")
+    sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
+                     help="any run setting, as for `flwr run --run-config`")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -164,11 +181,34 @@ def splits_pool(args: argparse.Namespace) -> bool:
     return bool(args.partition or args.scanner_shift or (args.data is not None and args.data.suffix == ".npz"))
 
 
+def ray_address(args: argparse.Namespace) -> str | None:
+    """--ray-address, else $RAY_ADDRESS as Ray's own tools read it (for --engine ray only); None or
+    "local": a Ray of this command's own."""
+    address = args.ray_address or (os.environ.get("RAY_ADDRESS") if args.engine == "ray" else None)
+    return None if address in (None, "", "local") else address
+
+
+def on_shared_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """On a cluster the sites read and write by the paths the driver names: absolute ones, since a Ray
+    worker's working folder is not the driver's."""
+    if ray_address(args) is None:
+        return args
+    data = args.data.resolve() if args.data is not None else None
+    return argparse.Namespace(**{**vars(args), "out": args.out.resolve(), "data": data})
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    print(f"results: {run_simulate(args)}")
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> Path:
+    """One `fedhosp simulate`, report included; returns the results.json path (`sweep` runs it per cell)."""
     from simulation import report
     from simulation.run import SimulationOptions, simulate, with_round_timeout
     from simulation.virtual_sites import PartitionOptions
 
+    args = on_shared_paths(args)
     cfg = simulate_config(args)
     pooled = splits_pool(args)
     opts = SimulationOptions(
@@ -182,11 +222,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         baselines=args.baselines,
         derive_site_secrets=not args.random_site_secrets,
         engine=args.engine,
+        ray_address=ray_address(args),
+        gpus_per_site=args.gpus_per_site,
     )
     cfg = with_round_timeout(cfg, opts)
     dp = f"DP-SGD, target ε={cfg.dp_target_epsilon:g}, δ={cfg.dp_target_delta:g}" if cfg.dp_enabled else "no DP"
-    log.info("fedhosp simulate: %d sites, %d rounds, %s with %s, %s", args.sites, cfg.num_server_rounds, cfg.task,
-             cfg.model, dp)
+    where = f" on Ray cluster {opts.ray_address}" if opts.ray_address else ""
+    log.info("fedhosp simulate: %d sites, %d rounds, %s with %s, %s%s", args.sites, cfg.num_server_rounds, cfg.task,
+             cfg.model, dp, where)
     started = time.monotonic()
     with interrupts.ctrl_c_ends("the simulation"):  # before the engine starts any thread
         extra = simulate(cfg, opts)
@@ -194,8 +237,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            {"seconds": round(time.monotonic() - started, 1), **extra})
     for line in report.summary_lines(results):
         log.info(line)
-    print(f"results: {results}")
-    return 0
+    return results
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Exit 0 when every cell ran, 1 when some failed (the table says which and why)."""
+    from simulation import sweep
+
+    table = sweep.run(args, run_simulate)
+    print(f"table: {table.csv}  plot: {table.png}")
+    return 0 if table.failed == 0 else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

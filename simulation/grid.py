@@ -9,7 +9,10 @@ fixed here, on the simulation side only (server/ and the real sites are untouche
 - replies arrive in completion order, and float sums depend on order: replies are
   handed to the strategy sorted by partition.
 It also hands each round's global model to an optional central evaluation (the source's
-own test split), since every evaluate message carries that round's global weights.
+own test split), since every evaluate message carries that round's global weights. Under Ray,
+each node's answer names the Ray node it ran on and the GPUs Ray gave it: `ray-nodes.json` shows
+how a run on a cluster spread its sites (Flower's actor pool may run a site's later messages
+on another node: any free actor takes the next message).
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.config import site_name
 from common.grid_layer import GridLayer
-from simulation.clientapp import PARTITION_KEY, PARTITION_QUERY
+from simulation.clientapp import PARTITION_KEY, PARTITION_QUERY, RAY_GPUS_KEY, RAY_NODE_KEY
 from simulation.report import NODES
 
 log = logging.getLogger(__name__)
 ROUND_KEY = "server-round"
 RoundHook = Callable[[int, ArrayRecord], None]
+RAY_NODES = "ray-nodes.json"  # site-NNN -> {node, gpus}: where its partition query ran (Ray engine only)
 
 
 class CanonicalGrid(GridLayer):
@@ -40,6 +46,7 @@ class CanonicalGrid(GridLayer):
         super().__init__(grid)
         self.seed, self.out_dir, self.on_evaluate, self.timeout = seed, Path(out_dir), on_evaluate, timeout
         self.partition: dict[int, int] = {}
+        self.ray_node: dict[int, dict[str, Any]] = {}  # partition id -> {"node": Ray node id, "gpus": [ids]}
         self._listed = 0
 
     def get_node_ids(self) -> Iterable[int]:
@@ -68,7 +75,14 @@ class CanonicalGrid(GridLayer):
                 log.warning("node %s did not say its partition (%s): it is ordered by node id",
                             reply.metadata.src_node_id, reply.error.reason)
                 continue
-            self.partition[reply.metadata.src_node_id] = int(reply.content["partition"][PARTITION_KEY])
+            answer = reply.content["partition"]
+            pid = self.partition[reply.metadata.src_node_id] = int(answer[PARTITION_KEY])
+            if RAY_NODE_KEY in answer:
+                self.ray_node[pid] = {"node": str(answer[RAY_NODE_KEY]),
+                                      "gpus": [str(g) for g in answer.get(RAY_GPUS_KEY, [])]}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / NODES).write_text(json.dumps({str(k): v for k, v in sorted(self.partition.items())}))
+        if self.ray_node:
+            (self.out_dir / RAY_NODES).write_text(
+                json.dumps({site_name(pid): node for pid, node in sorted(self.ray_node.items())}, indent=1))
 
