@@ -77,6 +77,14 @@ class RunConfig:
     fine_tune_epochs: int = _spec(0, lambda v: v >= 0, "an integer >= 0")  # personalized evaluation
     validate_updates: bool = _spec(True)
     update_norm_ratio: float = _spec(10.0, lambda v: v > 1, "a number > 1")  # reject norms above ratio x median
+    # Reject an update whose L2 distance from the global model is above this (0: no absolute bound). Off by
+    # default: a good bound depends on the model and learning rate; it is what guards a 1-site round.
+    max_update_norm: float = _spec(0.0, lambda v: v >= 0, "a number >= 0 (0: off)")
+    # The most one site's num-examples weighs in the weighted mean (a site claiming more counts this much);
+    # 1 weighs every site equally. A fixed cap rather than the site's first claim: a site that lies from
+    # round 1 is bounded too. Set it to the largest hospital's size when the consortium knows its sizes.
+    # Metrics are weighted by the same capped counts (the train metrics' num-examples is their sum).
+    max_site_weight: int = _spec(1_000_000, lambda v: v >= 1, "an integer >= 1 (1: uniform weights)")
     fraction_train: float = _spec(1.0, _fraction, "a number in (0, 1]")
     fraction_evaluate: float = _spec(1.0, _fraction, "a number in (0, 1]")
     min_available_sites: int = _spec(2, lambda v: v >= 1, "an integer >= 1")

@@ -3,11 +3,14 @@
 The round loop is ours rather than `Strategy.start`, for three reasons: a run log
 line and a checkpoint after every round (so a crash loses no finished round), one
 progress line per round, and a clear stop when every site fails. The strategy
-still does all sampling and aggregation.
+still does all sampling and aggregation. No one site's reply can end the run: each is
+screened on its own (server/validation.py), and an aggregate that fails or is not finite
+fails only its round, the global model kept as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -15,19 +18,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from common import privacy, transport
+from common import privacy
 from common.config import RunConfig
 from common.errors import FedhospError
-from common.flower_compat import waits
+from common.flower_compat import strategy_state, waits
 from common.grid_layer import layers
 from common.logs import ensure_console
 from common.models import build_model
-from common.protocol import STATUS
+from common.protocol import POLICY_REFUSED, REFUSED_SETTING, STATUS
 from common.weights import plain_state_dict
 from server import checkpoint, resume, runlog, validation
 from server.assembly import compose
@@ -55,9 +59,15 @@ class RoundResult:
     sites_failed: int = 0
     sites: list[dict[str, Any]] = field(default_factory=list)  # per site: node, ε, ε over all runs
     refused: list[dict[str, Any]] = field(default_factory=list)  # sites that declined: budget spent
-    rejected: list[dict[str, Any]] = field(default_factory=list)  # updates that failed validation
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # replies that failed validation, by phase
+    failed: str = ""  # why the round's aggregate was discarded (the global model stayed as it was)
     site_scores: list[dict[str, Any]] = field(default_factory=list)  # per site: held-out metrics
     seconds: float = 0.0
+
+    @property
+    def rejected_updates(self) -> list[dict[str, Any]]:
+        """The train replies rejected: sites whose update (or refusal) did not count this round."""
+        return [r for r in self.rejected if r.get("phase", "train") == "train"]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,8 +79,9 @@ class RoundResult:
             "sites_refused": len(self.refused),
             "sites": self.sites,
             "refused": self.refused,
-            "sites_rejected": len(self.rejected),
+            "sites_rejected": len(self.rejected_updates),
             "rejected": self.rejected,
+            "failed": self.failed or None,
             "site_scores": self.site_scores,
             "seconds": round(self.seconds, 3),
         }
@@ -140,45 +151,99 @@ def run(grid: WaitingGrid, cfg: RunConfig, run_id: str) -> Path:
 
 def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConfig,
                server_round: int) -> tuple[ArrayRecord, RoundResult]:
+    """One round: every reply screened on its own (server/validation.py), the accepted ones aggregated,
+    the aggregate kept only if finite (else the round fails and the global model stays as it was)."""
     started = time.monotonic()
     result = RoundResult(server_round)
+    limits = validation.Limits.of(cfg)
     config = ConfigRecord(cfg.to_mapping())
-    replies = _send(grid, strategy.configure_train(server_round, arrays, config, grid), cfg)
-    if cfg.update_dtype != "float32":
-        _decode_updates(replies, arrays)
-    refusals = [m for m in replies if not m.has_error() and STATUS in m.content]
-    replies = [m for m in replies if m not in refusals]
-    result.refused = [_refusal(m, server_round) for m in refusals]
-    if cfg.validate_updates:
-        replies, result.rejected = validation.validate(replies, arrays, cfg.update_norm_ratio)
-        for r in result.rejected:
-            log.warning("round %d: update from site %s rejected: %s", server_round, r["node"], r["reason"])
+    screened = validation.screen_train(_send(grid, strategy.configure_train(server_round, arrays, config, grid), cfg),
+                                       arrays, limits)
+    replies, result.rejected = screened.accepted, screened.rejected
+    result.refused = [_refusal(m, server_round) for m in screened.refusals]
     result.sites_ok = sum(not m.has_error() for m in replies)
     result.sites_failed = len(replies) - result.sites_ok
     result.sites = [_site_privacy(m) for m in replies if not m.has_error()]
-    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies) if result.sites_ok else (None, None)
     if result.refused and not replies:
-        raise BudgetsSpent(f"round {server_round}: every site refused to train, its privacy budget spent",
-                           result.refused)
-    if new_arrays is None:
-        reasons = sorted({m.error.reason for m in replies if m.has_error()})
-        if result.refused:
-            reasons.append(f"{len(result.refused)} refused: privacy budget spent")
-        if result.rejected:
-            reasons.append(f"{len(result.rejected)} rejected by validation: {result.rejected[0]['reason']}")
-        raise FedhospError(
-            f"round {server_round}: no site returned an update ({'; '.join(reasons) or 'no reply in time'}); "
-            "check the sites' logs"
-        )
-    arrays = _like(new_arrays, arrays)
+        raise BudgetsSpent(f"round {server_round}: every site refused to train (its privacy budget spent or "
+                           "its policy)", result.refused)
+    new_arrays, train_metrics, result.failed = (_aggregate(strategy, server_round, replies) if result.sites_ok
+                                                else (None, None, ""))
+    if new_arrays is None and not result.failed:
+        raise FedhospError(f"round {server_round}: no site returned an update ({_why_none(replies, result)}); "
+                           "check the sites' logs")
+    if new_arrays is not None:
+        arrays = _like(new_arrays, arrays)
     result.train = dict(train_metrics or {})
-    if cfg.client_dp != "off":
+    if cfg.client_dp != "off" and not result.failed:
         result.train["client-epsilon"] = client_epsilon(strategy, cfg, server_round)
-    replies = _send(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(cfg.to_mapping()), grid), cfg)
-    result.site_scores = [_site_scores(m) for m in replies if not m.has_error()]
-    result.evaluate = dict(strategy.aggregate_evaluate(server_round, replies) or {})
+    screened = validation.screen_evaluate(
+        _send(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(cfg.to_mapping()), grid), cfg),
+        limits)
+    result.rejected += screened.rejected
+    for msg in screened.refusals:
+        _refusal(msg, server_round, "evaluate")
+    result.site_scores = [_site_scores(m) for m in screened.accepted if not m.has_error()]
+    result.evaluate = _aggregate_evaluate(strategy, server_round, screened.accepted)
+    for r in result.rejected:
+        log.warning("round %d: %s reply from site %s rejected (%s): %s", server_round, r["phase"], r["node"],
+                    r["class"], r["reason"])
     result.seconds = time.monotonic() - started
     return arrays, result
+
+
+def _why_none(replies: list[Message], result: RoundResult) -> str:
+    reasons = sorted({m.error.reason for m in replies if m.has_error()})
+    if result.refused:
+        reasons.append(f"{len(result.refused)} refused: privacy budget spent")
+    if result.rejected:
+        reasons.append(f"{len(result.rejected)} rejected by validation: {result.rejected[0]['reason']}")
+    return "; ".join(reasons) or "no reply in time"
+
+
+def _aggregate(strategy: Strategy, server_round: int,
+               replies: list[Message]) -> tuple[ArrayRecord | None, Mapping[str, Any] | None, str]:
+    """(aggregate, metrics, "") or (None, None, why the round failed): an aggregate that raises or holds
+    NaN/inf is discarded and the strategy's state (FedAdam's moments, SCAFFOLD's c) put back as it was,
+    so no checkpoint ever holds it and the next round starts from the last good model."""
+    before = _snapshot(strategy)
+    try:
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    except Exception as exc:  # the replies passed validation: whatever breaks now fails this round only
+        log.exception("round %d: aggregation failed", server_round)
+        failed = f"aggregation failed: {type(exc).__name__}: {exc}"
+    else:
+        failed = _non_finite(new_arrays) if new_arrays is not None else ""
+        if not failed:
+            return new_arrays, metrics, ""
+    _restore(before)
+    log.error("round %d failed, the global model stays as it was: %s", server_round, failed)
+    return None, None, failed
+
+
+def _non_finite(arrays: ArrayRecord) -> str:
+    bad = [k for k in arrays if not np.isfinite(arrays[k].numpy()).all()]
+    return f"non-finite aggregate: {', '.join(bad[:3])}" if bad else ""
+
+
+def _snapshot(strategy: Strategy) -> list[tuple[Strategy, dict[str, Any]]]:
+    """Deep copies of what every layer of the strategy carries between rounds (strategy_state.STATEFUL)."""
+    return [(layer, {name: copy.deepcopy(getattr(layer, name)) for name in strategy_state.STATEFUL
+                     if hasattr(layer, name)}) for layer in strategy_state.layers(strategy)]
+
+
+def _restore(snapshot: list[tuple[Strategy, dict[str, Any]]]) -> None:
+    for layer, state in snapshot:
+        for name, value in state.items():
+            setattr(layer, name, value)
+
+
+def _aggregate_evaluate(strategy: Strategy, server_round: int, replies: list[Message]) -> dict[str, Any]:
+    try:
+        return dict(strategy.aggregate_evaluate(server_round, replies) or {})
+    except Exception:  # the scores of one round are not worth the run
+        log.exception("round %d: aggregating the evaluation failed", server_round)
+        return {}
 
 
 def _like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
@@ -189,18 +254,14 @@ def _like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: Array(new[k].numpy().astype(old[k].numpy().dtype)) for k in old})
 
 
-def _decode_updates(replies: list[Message], base: ArrayRecord) -> None:
-    """Sites on float16 transport send updates: back to weights, in the model's dtypes, before anything else."""
-    for msg in replies:
-        if not msg.has_error() and "arrays" in msg.content:
-            msg.content["arrays"] = transport.decode(msg.content["arrays"], base)
-
-
-def _refusal(msg: Message, server_round: int) -> dict[str, Any]:
+def _refusal(msg: Message, server_round: int, what: str = "train") -> dict[str, Any]:
     status = dict(msg.content[STATUS])
-    log.warning("round %d: site %s refused to train (%s: ε %.3f spent, budget %g)", server_round,
-                msg.metadata.src_node_id, status.get(STATUS), status.get("epsilon-total", float("nan")),
-                status.get("privacy-budget", float("nan")))
+    if status.get(STATUS) == POLICY_REFUSED:
+        why = f"its policy does not accept the run's {status.get(REFUSED_SETTING)}: see the site's log"
+    else:
+        why = (f"{status.get(STATUS)}: ε {status.get('epsilon-total', float('nan')):.3f} spent, "
+               f"budget {status.get('privacy-budget', float('nan')):g}")
+    log.warning("round %d: site %s refused to %s (%s)", server_round, msg.metadata.src_node_id, what, why)
     return {"node": msg.metadata.src_node_id, **status}
 
 
@@ -234,8 +295,10 @@ def progress_line(result: RoundResult, rounds: int, elapsed: float) -> str:
     parts += [f"{short} {ev[key]:.3f}" for key, short in SHOWN if key in ev]
     if "epsilon-max" in tr:
         parts.append(f"eps_max {tr['epsilon-max']:.2f}")
-    notes = [f"{len(v)} {name}" for name, v in (("refused", result.refused), ("rejected", result.rejected)) if v]
-    total = result.sites_ok + result.sites_failed + len(result.refused) + len(result.rejected)
+    rejected = result.rejected_updates
+    notes = [f"{len(v)} {name}" for name, v in (("refused", result.refused), ("rejected", rejected)) if v]
+    notes += ["aggregate discarded"] if result.failed else []
+    total = result.sites_ok + result.sites_failed + len(result.refused) + len(rejected)
     parts += [f"sites {result.sites_ok}/{total}" + (f" ({', '.join(notes)})" if notes else ""),
               f"{elapsed:.0f}s elapsed, eta {eta:.0f}s"]
     return " | ".join(parts)

@@ -31,7 +31,7 @@ LEGEND_SITES = 10  # beyond this many sites a legend hides the plot
 SHOWN_ROUNDS = 12  # sites.png: boxes for at most this many rounds
 COLUMNS = ("round", "loss", "accuracy", "auc", "dice", "iou", "test_loss", "test_accuracy", "test_auc", "test_dice",
            "test_iou", "site_worst", "site_median", "epsilon_max", "epsilon_total_max", "client_epsilon",
-           "train_loss", "sites_ok", "sites_failed", "sites_refused", "seconds")
+           "train_loss", "sites_ok", "sites_failed", "sites_refused", "sites_rejected", "rejected", "seconds")
 
 
 def round_row(record: dict[str, Any], test: dict[str, Any] | None = None, primary: str = "accuracy") -> dict[str, Any]:
@@ -52,6 +52,8 @@ def round_row(record: dict[str, Any], test: dict[str, Any] | None = None, primar
         "sites_ok": record["sites_ok"],
         "sites_failed": record["sites_failed"],
         "sites_refused": record.get("sites_refused", 0),
+        "sites_rejected": record.get("sites_rejected", 0),
+        "rejected": " ".join(f"{r.get('phase', 'train')}:{r.get('class', '')}" for r in record.get("rejected", [])),
         "seconds": record["seconds"],
     }
 
@@ -66,6 +68,11 @@ def privacy_by_site(records: list[dict[str, Any]], names: dict[int, str] | None 
             per_site.setdefault(name, []).append({"round": record["round"], **entry})
         refused += [{"round": record["round"], **_named(r, names)[1]} for r in record.get("refused", [])]
     return {"per-site": dict(sorted(per_site.items())), "refused": refused}
+
+
+def rejections(records: list[dict[str, Any]], names: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """Every rejected reply: round, site, phase (train / evaluate), reason class and reason."""
+    return [{"round": record["round"], **_named(r, names)[1]} for record in records for r in record.get("rejected", [])]
 
 
 def scores_by_site(records: list[dict[str, Any]], names: dict[int, str] | None = None) -> dict[str, Any]:
@@ -123,6 +130,7 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
         "final": {k: last.get(k) for k in final_keys if k in last},
         "site-scores": per_site,
         "privacy": privacy,
+        "rejected": rejections(records, names),  # server/validation.py: replies left out, with their class
         "stopped": stops[-1]["reason"] if stops else None,
         "grid": grids[-1] if grids else None,  # the ServerApp's grid stack, top first (server/assembly.py)
         "model": "model.pt",

@@ -2,16 +2,23 @@
 
 The lowest layer of every engine's stack (server/assembly.py), right on the engine's own grid,
 so the strategies, validation, checkpoints and every layer above only ever see plain ArrayRecords.
+A reply that cannot be unpacked (a broken or hostile site) never raises here: its content becomes
+one `UNREADABLE` record with the reason, which the server's reply schema rejects (server/validation.py),
+so one bad reply costs that site its round, not the run.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.flower_compat.packing import pack_content, unpack_content
 from common.grid_layer import GridLayer
+from common.protocol import UNREADABLE
+
+log = logging.getLogger(__name__)
 
 
 class PackedGrid(GridLayer):
@@ -44,5 +51,15 @@ def _unpacked(replies: Iterable[Message]) -> list[Message]:
     replies = list(replies)
     for msg in replies:
         if not msg.has_error():
-            unpack_content(msg.content)
+            _unpack_one(msg)
     return replies
+
+
+def _unpack_one(msg: Message) -> None:
+    """Unpack in place; a reply that fails to unpack keeps only the reason, under `UNREADABLE`."""
+    try:
+        unpack_content(msg.content)
+    except Exception as exc:  # whatever a malformed packed array raises, it is this reply's
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        log.warning("reply from site %s could not be unpacked: %s", msg.metadata.src_node_id, reason)
+        msg.content = RecordDict({UNREADABLE: ConfigRecord({"reason": reason})})

@@ -36,6 +36,8 @@ def test_unknown_key_suggests_the_close_one():
         ("task", "detection", "classification"),
         ("batch-size", 2.5, "an integer >= 1"),
         ("dp-enabled", "maybe", "bool"),
+        ("max-site-weight", 0, "an integer >= 1"),
+        ("max-update-norm", -1.0, "a number >= 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_accepted_values(key, value, expected):

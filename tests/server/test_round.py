@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from common.config import RunConfig
 from common.flower_compat.engine import acting_as
-from common.protocol import BUDGET_SPENT, STATUS
+from common.protocol import BUDGET_SPENT, POLICY_REFUSED, REFUSED_SETTING, STATUS
 from server.app import BudgetsSpent, play_round
 from server.strategies import build_strategy
 
@@ -74,6 +74,20 @@ def test_a_refusing_site_is_left_out_logged_and_counted():
     assert result.to_json()["sites_refused"] == 1
 
 
+def test_a_site_whose_policy_refuses_the_run_is_a_refusal_in_train_and_evaluate_not_a_rejection():
+    """The site's own policy (common/site_policy.py) declines: the server's schema knows the status."""
+    def policy(node, msg):
+        if node == 3:
+            return RecordDict({STATUS: ConfigRecord({STATUS: POLICY_REFUSED, REFUSED_SETTING: "image-size"})})
+        return _update(DELTAS, {1: 100, 2: 300, 3: 50})(node, msg)
+
+    w, result = _round(CFG, policy)
+    assert np.allclose(w, (1.0 * 100 + 3.0 * 300) / 400)
+    assert result.refused == [{"node": 3, STATUS: POLICY_REFUSED, REFUSED_SETTING: "image-size"}]
+    assert result.rejected == []  # its evaluate refusal too is a refusal, not a malformed reply
+    assert sorted(s["node"] for s in result.site_scores) == [1, 2]
+
+
 def test_when_every_site_refuses_the_run_stops_with_the_reason():
     def all_refuse(node, msg):
         return _refuse(3, msg, _update(DELTAS, {1: 1, 2: 1, 3: 1}))
@@ -118,7 +132,8 @@ def test_a_run_whose_sites_all_run_out_of_budget_ends_cleanly_with_model_and_rep
             return RecordDict({"metrics": metrics})
         if msg.content["config"]["server-round"] >= 2:
             return _refuse(3, msg, None)
-        return RecordDict({"arrays": msg.content["arrays"], "metrics": metrics})  # no change: enough here
+        train = MetricRecord({"num-examples": 10, "site-weight": 1, "train-loss": 0.5})
+        return RecordDict({"arrays": msg.content["arrays"], "metrics": train})  # no change: enough here
 
     cfg = RunConfig(min_available_sites=3, num_server_rounds=4, out_dir=str(tmp_path))
     sites = packing.answering_in_kind(lambda msg, context: Message(behaviour(context.node_id, msg), reply_to=msg))
