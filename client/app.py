@@ -1,10 +1,12 @@
 """The Flower ClientApp each hospital runs: thin handlers around `client.site.Site`.
 
 The run's settings arrive in every message's ConfigRecord (the server parsed them
-once), so a site always trains with exactly what the server asked for. Errors are
-logged in full here, on the site, and leave it only as a class name: an exception
-message may hold a file name, and nothing but weights and aggregate metrics may
-leave a hospital.
+once), and the site's own policy (common/site_policy.py) decides whether it accepts them:
+a run asking for less protection or more resources than the site allows gets a STATUS
+reply, never training. Errors are logged in full here, on the site, and leave it only as
+a class name: an exception message may hold a file name. Every reply passes
+`whitelisted` on its way out: only the records and fields common/protocol.py lists leave
+a hospital, whatever the code above produced.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ from common import drift, transport
 from common.config import RunConfig
 from common.errors import PrivacyBudgetExceeded
 from common.flower_compat import packing
-from common.protocol import BUDGET_SPENT, STATUS
+from common.protocol import (
+    BUDGET_SPENT,
+    EVALUATE_SCHEMA,
+    POLICY_REFUSED,
+    REFUSED_SETTING,
+    STATUS,
+    STATUS_SCHEMA,
+    TRAIN_SCHEMA,
+    ReplySchema,
+)
 from common.protocol import SCAFFOLD_CONTROL as CONTROL
 from common.protocol import SCAFFOLD_DELTA as DELTA
+from common.site_policy import SitePolicyRefused
 
 log = logging.getLogger(__name__)
 ROUND_KEY = "server-round"
@@ -42,7 +54,9 @@ def _site(msg: Message, context: Context) -> tuple[Site, int]:
 def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
     """`handler` seeing plain records, answering in kind (packed when the request came packed), and failing
     with nothing but the exception's class name."""
-    answer = packing.answering_in_kind(lambda msg, context: Message(content=handler(msg, context), reply_to=msg))
+    answer = packing.answering_in_kind(
+        lambda msg, context: Message(content=whitelisted(handler(msg, context), msg.metadata.message_type),
+                                     reply_to=msg))
 
     def run(msg: Message, context: Context) -> Message:
         try:
@@ -55,14 +69,49 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Mes
     return run
 
 
+def whitelisted(content: RecordDict, message_type: str) -> RecordDict:
+    """`content` with only the records and fields common/protocol.py lets leave a site; anything else
+    is dropped, and named in the site's log (never in the reply)."""
+    schema = STATUS_SCHEMA if STATUS in content else EVALUATE_SCHEMA if "evaluate" in message_type else TRAIN_SCHEMA
+    kept = RecordDict()
+    for name, record in content.items():
+        if name not in schema.records:
+            log.warning("dropped record %r from a %s reply: not on common/protocol.py's list", name, message_type)
+            continue
+        kept[name] = _fields(record, schema, name) if isinstance(record, MetricRecord | ConfigRecord) else record
+    return kept
+
+
+def _fields(record: MetricRecord | ConfigRecord, schema: ReplySchema, name: str) -> MetricRecord | ConfigRecord:
+    dropped = sorted(k for k in record if k not in schema.fields)
+    if dropped:
+        log.warning("dropped %s from record %r of a reply: not on common/protocol.py's list", dropped, name)
+    return type(record)({k: v for k, v in record.items() if k in schema.fields})
+
+
+def _policy_refusal(site: Site, context: Context, server_round: int, refusal: SitePolicyRefused) -> RecordDict:
+    """The site's policy turned the run down: one line in its log, a status reply, nothing trained."""
+    log.warning("round %d refused by this site's policy: %s", server_round, refusal)
+    _audit(site, context, "refused", server_round, {"policy": str(refusal)})
+    return RecordDict({STATUS: ConfigRecord({STATUS: POLICY_REFUSED, REFUSED_SETTING: refusal.setting})})
+
+
 @app.train()
 @_guarded
 def train(msg: Message, context: Context) -> RecordDict:
     site, server_round = _site(msg, context)
+    try:
+        return _train(site, msg, context, server_round)
+    except SitePolicyRefused as refusal:
+        return _policy_refusal(site, context, server_round, refusal)
+
+
+def _train(site: Site, msg: Message, context: Context, server_round: int) -> RecordDict:
     run_id = _run_name(site, context)
     control = msg.content.get(CONTROL)
-    correction, own = scaffold_correction(site, run_id, control) if control is not None else (None, None)
     try:
+        site.admit()  # before the SCAFFOLD state or the data is read
+        correction, own = scaffold_correction(site, run_id, control) if control is not None else (None, None)
         arrays, metrics = site.train(msg.content["arrays"], server_round, run_id, correction)
     except PrivacyBudgetExceeded as refusal:
         log.warning("round %d refused: %s", server_round, refusal)
@@ -102,7 +151,10 @@ def scaffold_step(site: Site, run_id: str, control: ArrayRecord, own: dict, star
 @_guarded
 def evaluate(msg: Message, context: Context) -> RecordDict:
     site, server_round = _site(msg, context)
-    metrics = site.evaluate(msg.content["arrays"], _run_name(site, context))
+    try:
+        metrics = site.evaluate(msg.content["arrays"], _run_name(site, context))
+    except SitePolicyRefused as refusal:
+        return _policy_refusal(site, context, server_round, refusal)
     _audit(site, context, "evaluate", server_round, {k: metrics[k] for k in AUDITED if k in metrics})
     return RecordDict({"metrics": MetricRecord(metrics)})
 

@@ -9,7 +9,9 @@ written only through `common.site_state.SiteState` (`Site.state`).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +30,7 @@ from common.data.decode import decode_example
 from common.drift import DriftCorrectedSGD
 from common.errors import DataError, PrivacyBudgetExceeded
 from common.models import build_model
+from common.site_policy import SitePolicy, split_node_config
 from common.site_state import SiteState
 from common.weights import load_record, to_record
 
@@ -41,6 +44,14 @@ class Site:
     run: RunConfig
     config: SiteConfig
     index: int | None = None  # partition id in simulation: seeds this site's randomness
+    own_policy: SitePolicy | None = None  # the hospital's node config; None: its defaults (see `policy`)
+
+    @property
+    def policy(self) -> SitePolicy:
+        """What this site accepts: its own; a virtual site (simulation) accepts the run's own settings."""
+        if self.own_policy is not None:
+            return self.own_policy
+        return SitePolicy.accepting(self.run) if self.index is not None else SitePolicy()
 
     @property
     def state(self) -> SiteState:
@@ -52,20 +63,22 @@ class Site:
         return training.pick_device(self.config.device)
 
     def data(self) -> tuple[TensorDataset, TensorDataset]:
-        """(train, validation) tensors, decoded once and cached on the site's disk."""
+        """(train, validation) tensors, decoded once and cached on the site's disk; the split is the site's."""
+        self.policy.check_resources(self.run)
         root = Path(self.config.data_path)
         examples = sources.load(root, self.run.task)
         params = {"decoder": "v2", "task": self.run.task, "image_size": self.run.image_size}
-        split_key = f"{self.run.val_fraction}|{self.run.seed}|{self.run.num_classes}"
+        fraction, split_seed = self.policy.val_fraction, self.policy.split_seed
+        split_key = f"{fraction}|{split_seed}|{self.run.num_classes}"
         cache_dir = self.state.subfolder("cache")
         key = f"{root.resolve()}|{cache.cache_key(examples, root, params, cache_dir)}|{split_key}"
         if key not in _MEMO:
             decoded = cache.load_or_decode(
                 examples, root, cache_dir, params,
-                partial(decode_example, size=self.run.image_size),
+                partial(decode_example, size=self.run.image_size), keep=self.policy.decode_caches,
             )
             self._check_classes(root, decoded)
-            val = split.held_out(decoded, self.run.val_fraction, self.run.seed)
+            val = split.held_out(decoded, fraction, split_seed)
             images = torch.from_numpy(decoded.images.astype("float32")).unsqueeze(1)
             labels = torch.from_numpy(decoded.targets)
             if len(_MEMO) >= _MEMO_SIZE:
@@ -110,17 +123,22 @@ class Site:
         )
 
     def _generator(self, server_round: int) -> torch.Generator:
-        """Seed this round's shuffling, Poisson sampling and DP noise.
+        """Seed this round's shuffling, Poisson sampling and DP noise (torch's global generator too).
 
-        Without DP: from the run's seed alone, so runs repeat exactly. With DP the seed also
-        mixes in a secret that never leaves the site's disk: were the noise and the sampled
-        batches derivable from the server's seed, the server could subtract the noise and the
-        guarantee would be void. Rerunning with the same site state still repeats exactly.
+        A real site draws a fresh seed for every training from the OS's CSPRNG, keyed with its secret:
+        noise and batches that repeated (the same round trained again on other weights, a new run with
+        the same seed) would let the server difference two releases and subtract the noise. Only a
+        virtual site (simulation, `index` set) derives it from the run's seed (and, with DP, its
+        derived secret), because there one researcher plays every party and wants runs to repeat.
         """
-        material = f"{self.run.seed}:{server_round}:{self.index or 0}"
-        if self.run.dp_enabled:
-            material += ":" + self.state.secret().hex()
-        seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big") % 2**63
+        if self.index is None:
+            fresh = hmac.new(self.state.secret(), secrets.token_bytes(32), hashlib.sha256).digest()
+            seed = int.from_bytes(fresh[:8], "big") % 2**63
+        else:
+            material = f"{self.run.seed}:{server_round}:{self.index}"
+            if self.run.dp_enabled:
+                material += ":" + self.state.secret().hex()
+            seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big") % 2**63
         torch.manual_seed(seed)
         return torch.Generator().manual_seed(seed)
 
@@ -132,6 +150,7 @@ class Site:
 
         `correction` (SCAFFOLD's c - c_i, by parameter name) is added to every step's gradient.
         """
+        self.admit()
         self._set_threads()
         train_set, _ = self.data()
         if len(train_set) == 0:
@@ -140,6 +159,13 @@ class Site:
         if self.run.dp_enabled:
             return self._train_dp(arrays, server_round, run_id, correction is None, model, loader, optimizer)
         return self._train_plain(run_id, model, loader, optimizer)
+
+    def admit(self) -> None:
+        """Refuse, before any data is read or memory taken, a run the site does not accept: without DP at a
+        site with a budget, a budget refusal (ε would be inf); else whatever the site's policy refuses."""
+        if not self.run.dp_enabled and self.budget:
+            self._check_budget(self._ledger(), None)
+        self.policy.check_training(self.run)
 
     def _setup(self, arrays: ArrayRecord, server_round: int, run_id: str,
                correction: Mapping[str, torch.Tensor] | None,
@@ -164,21 +190,24 @@ class Site:
         sent = replay.load(self.state, run_id, request) if request else None
         if sent is not None:  # this round again, as after a coordinator's resume: the same reply, no new ε
             log.info("round %d of run %s: trained already; sending the same reply again", server_round, run_id)
-            return sent[0], {**sent[1], **self._spent(self._ledger(), run_id, self.run.dp_target_delta)}
+            return sent[0], {**sent[1], **self._spent(self._ledger(), run_id, self.run.dp_target_delta,
+                                                      sent[1]["num-examples"])}
         counts = self._counts(loader)
+        self.policy.check_delta(self.run.dp_target_delta, counts["num-examples"])
         dp = privacy.plan(
             self.run.dp_target_epsilon, self.run.dp_target_delta, counts["num-examples"], self.run.batch_size,
             self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm, state=self.state,
         )
+        self.policy.check_noise(dp.noise_multiplier)
         with self._ledger().locked() as book:
             self._check_run_target(book, dp, run_id)
-            self._check_budget(book, dp)
+            self._check_budget(book, dp, counts["num-examples"])
             engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
             loss = self._fit(module, loader, optimizer)
             spent = [tuple(h) for h in engine.accountant.history]
             book.append(ledger.Entry(run_id, server_round, dp.noise_multiplier, dp.sample_rate,
                                      sum(n for _, _, n in spent), dp.delta, spent))
-        metrics = {**counts, "train-loss": loss, **self._spent(book, run_id, dp.delta),
+        metrics = {**counts, "train-loss": loss, **self._spent(book, run_id, dp.delta, counts["num-examples"]),
                    "noise-multiplier": dp.noise_multiplier, "local-steps": optimizer.original_optimizer.steps}
         reply = self._finish(model, run_id)
         if request:
@@ -192,9 +221,10 @@ class Site:
     def _counts(loader: DataLoader) -> dict[str, Any]:
         return {"num-examples": len(loader.dataset), "site-weight": 1}
 
-    @staticmethod
-    def _spent(book: ledger.PrivacyLedger, run_id: str, delta: float) -> dict[str, float]:
-        return {"epsilon": privacy.epsilon(book.history(run_id), delta), "epsilon-total": book.total_epsilon()}
+    def _spent(self, book: ledger.PrivacyLedger, run_id: str, delta: float, n: int) -> dict[str, float]:
+        """The run's ε at its δ; the site's total at the site's δ (`SitePolicy.total_delta`)."""
+        return {"epsilon": privacy.epsilon(book.history(run_id), delta),
+                "epsilon-total": book.total_epsilon(self.policy.total_delta(n, book.delta()))}
 
     def _fit(self, model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> float:
         return training.train(model, loader, optimizer, self.run.local_epochs, self.device,
@@ -230,8 +260,8 @@ class Site:
                 would_be=would_be,
             )
 
-    def _check_budget(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan | None) -> None:
-        """Refuse, before any step, a round that would take the site past its budget."""
+    def _check_budget(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan | None, n: int = 0) -> None:
+        """Refuse, before any step, a round that would take the site past its budget (at the site's δ)."""
         if not self.budget:
             return
         if dp is None:
@@ -239,7 +269,8 @@ class Site:
                 "site has a privacy budget and the run asks for training without DP", spent=book.total_epsilon(),
                 budget=self.budget, would_be=float("inf"),
             )
-        would_be = book.epsilon_if(dp.round_history(), dp.delta)
+        delta = self.policy.total_delta(n, book.delta(dp.delta))
+        would_be = privacy.epsilon(book.history() + dp.round_history(), delta)
         if would_be > self.budget:
             raise PrivacyBudgetExceeded(
                 f"next round would spend ε={would_be:.3f} in total, over the site's budget {self.budget:g}",
@@ -253,6 +284,7 @@ class Site:
         site's normalization layers in it, then fine-tuned on the site's training split. The
         personalized model never leaves the site; only its metrics do.
         """
+        self.policy.check_resources(self.run)
         self._set_threads()
         _, val_set = self.data()
         loader = DataLoader(val_set, batch_size=256)
@@ -291,9 +323,11 @@ class Site:
 
 
 def site_from_context(run: RunConfig, node_config: Mapping[str, Any]) -> Site:
-    """Simulation gives only a partition id: derive the paths; deployment names them."""
+    """Simulation gives only a partition id: derive the paths, accept the run's settings; deployment
+    names its paths and its policy (common/site_policy.py) in its node config."""
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         config = SiteConfig(str(run.site_data_path(pid)), str(run.site_state_dir(pid)), "auto")
         return Site(run, config, pid)
-    return Site(run, SiteConfig.from_mapping(node_config))
+    policy, rest = split_node_config(node_config)
+    return Site(run, SiteConfig.from_mapping(rest), own_policy=policy)

@@ -64,8 +64,11 @@ def add_deploy_commands(sub: Any) -> None:
                         help="this site's state folder: privacy ledger, audit log, cache (default: state/ beside "
                              "--key)")
     client.add_argument("--device", choices=DEVICES, default="auto")
-    client.add_argument("--privacy-budget", type=float, default=0.0,
-                        help="this site's total ε over every run on its data (0: none)")
+    client.add_argument("--privacy-budget", type=float, default=None,
+                        help="this site's total ε over every run on its data (default 10; must be > 0)")
+    client.add_argument("--policy", default="", metavar='"KEY=VALUE ..."',
+                        help="this site's own privacy floor and resource caps, e.g. \"dp-delta=1e-5 "
+                             "max-image-size=512 allow-no-dp=false\" (keys: docs/hospital.md)")
     client.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT,
                         help=f"the SuperNode's local Runtime API port on 127.0.0.1 (default {DEFAULT_RUNTIME_PORT})")
     client.add_argument("--max-wait", type=float, default=None,
@@ -129,14 +132,17 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    from common.config import parse_overrides
     from fedhosp import hospital, processes
 
+    budget = hospital.DEFAULT_PRIVACY_BUDGET if args.privacy_budget is None else args.privacy_budget
     processes.become_subreaper()
     try:
         hospital.join(hospital.ClientOptions(
             server=args.server, ca=args.ca, key=args.key, data=args.data, state=args.state, device=args.device,
-            privacy_budget=args.privacy_budget, runtime_port=args.runtime_port, max_wait=args.max_wait,
-            warm=not args.stock_clientapp, short_waits=not args.stock_waits, dry_run=args.dry_run,
+            privacy_budget=budget, policy=parse_overrides(args.policy), runtime_port=args.runtime_port,
+            max_wait=args.max_wait, warm=not args.stock_clientapp, short_waits=not args.stock_waits,
+            dry_run=args.dry_run,
         ))
     finally:
         processes.stop_strays()

@@ -3,7 +3,8 @@
 The SuperNode dials the coordinator over TLS, trusting only the consortium CA, signs
 every Fleet API call with the site's private key (SuperNode authentication) and runs
 our ClientApp, which reads `data-path`, `state-dir`, `device` and `privacy-budget` from
-the node config (common/config.py SiteConfig). Runtime dependency installation stays
+the node config (common/config.py SiteConfig) and the site's policy, `--policy` (common/site_policy.py):
+what protects this hospital's patients is set here, never by the coordinator. Runtime dependency installation stays
 off: the ClientApp runs in this environment, nothing is downloaded at run time.
 Before starting, a TLS handshake checks the CA and the server name, so a wrong CA or
 a plaintext server is reported in one line instead of as endless reconnects.
@@ -26,18 +27,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from common import flower_compat
-from common.config import DEVICES
+from common.config import DEVICES, to_toml
 from common.errors import ConfigError, FedhospError
 from common.flower_compat import waits as flower_waits
 from common.flower_compat.cli_output import REFUSED_KEY
+from common.site_policy import POLICY_KEYS, SitePolicy
 from common.site_state import SiteState
 from fedhosp import processes, warm_clientapp
 
 FLOWER_HOME, SUPERNODE_LOG = "flwr-home", "supernode.log"  # in the site's state folder (common/site_state.py)
 UMASK = 0o077  # patient-derived data at rest (caches, ledger, replies, logs) readable by the site's user only
+# A site's total ε over every run on its data when the hospital names none: one run at the coordinator's
+# default target (8) and a little more, at the upper end of what DP-SGD studies call meaningful. Spent, the
+# site refuses every further DP round until the hospital raises it on purpose.
+DEFAULT_PRIVACY_BUDGET = 10.0
 
 
 class SiteRefused(FedhospError):
@@ -52,7 +58,8 @@ class ClientOptions:
     data: Path
     state: Path | None = None  # default: a `state` folder beside the key, in the site's own folder
     device: str = "auto"
-    privacy_budget: float = 0.0
+    privacy_budget: float = DEFAULT_PRIVACY_BUDGET
+    policy: dict[str, Any] | None = None  # the site's policy keys (common/site_policy.py): `--policy`
     runtime_port: int = 9094  # the SuperNode's own Runtime API, on 127.0.0.1
     max_wait: float | None = None  # stop trying to reach the server after this many seconds (None: never)
     warm: bool = True  # tasks forked from a process that imported torch & co. once (fedhosp/warm_clientapp.py)
@@ -67,7 +74,8 @@ class ClientOptions:
 def node_config(opts: ClientOptions) -> str:
     """Flower's `--node-config` string (TOML values): what SiteConfig reads at the site."""
     values = {"data-path": json.dumps(str(opts.data.resolve())), "state-dir": json.dumps(str(opts.state_dir)),
-              "device": json.dumps(opts.device), "privacy-budget": repr(float(opts.privacy_budget))}
+              "device": json.dumps(opts.device), "privacy-budget": repr(float(opts.privacy_budget)),
+              **{k: to_toml(v) for k, v in (opts.policy or {}).items()}}
     return " ".join(f"{k}={v}" for k, v in values.items())
 
 
@@ -94,8 +102,10 @@ def launch_command(opts: ClientOptions, cmd: list[str]) -> list[str]:
 def check(opts: ClientOptions) -> None:
     if opts.device not in DEVICES:
         raise ConfigError(f"--device {opts.device!r}: expected {' | '.join(DEVICES)}")
-    if opts.privacy_budget < 0:
-        raise ConfigError("--privacy-budget must be >= 0 (0: no budget)")
+    if not opts.privacy_budget > 0:
+        raise ConfigError(f"--privacy-budget must be > 0 (default {DEFAULT_PRIVACY_BUDGET:g}): a hospital's "
+                          "total ε over every run on its data")
+    check_policy(opts.policy or {})
     for flag, path in (("--ca", opts.ca), ("--key", opts.key)):
         if not path.is_file():
             raise ConfigError(f"{flag} {path}: no such file")
@@ -106,6 +116,14 @@ def check(opts: ClientOptions) -> None:
     host, _, port = opts.server.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--server {opts.server!r} is not HOST:PORT")
+
+
+def check_policy(policy: dict[str, Any]) -> SitePolicy:
+    """The site's policy as the ClientApp will parse it: a typo or a value out of range stops here."""
+    unknown = sorted(set(policy) - POLICY_KEYS)
+    if unknown:
+        raise ConfigError(f"--policy: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(POLICY_KEYS))}")
+    return SitePolicy.from_mapping(policy)
 
 
 def preflight_tls(opts: ClientOptions, timeout: float = 10.0) -> bool:

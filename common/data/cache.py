@@ -4,7 +4,9 @@ The key is what the files contain (their sha256, see `digests`) plus each exampl
 name, label, frame and the decode settings: a copied or restored archive hits the
 cache, an edited file or a new image size is decoded afresh. The site passes its own
 state folder, so a cache is never shared across sites, and it is safe to delete: a
-missing or damaged cache file is simply decoded again.
+missing or damaged cache file is simply decoded again. A site keeps at most `keep` decoded sets
+(image sizes, data versions): each new one empties the oldest beyond that, so a coordinator
+cycling image sizes cannot fill the site's disk.
 
 Every frame of a multi-frame file becomes its own row (`file.dcm#3`), with the file's
 label; rows also carry the unit the train/validation split keeps together (`groups`)
@@ -62,10 +64,12 @@ def load_or_decode(
     cache_dir: SiteState | Path,
     params: dict,
     decode: Callable[[Example], tuple[np.ndarray, np.ndarray | int]],
+    keep: int | None = None,
 ) -> Decoded:
     """Decode every example once; unreadable files are skipped and listed, not fatal.
 
-    `cache_dir` is a site's own cache folder (`SiteState.subfolder`); tools pass a plain folder."""
+    `cache_dir` is a site's own cache folder (`SiteState.subfolder`); tools pass a plain folder.
+    `keep`: the most decoded sets left in it after a new one is written (None: no limit)."""
     state = SiteState.at(cache_dir)
     hashed_before = digests.hashed
     name = f"decoded-{cache_key(examples, root, params, state)}.npz"
@@ -73,10 +77,28 @@ def load_or_decode(
     if decoded is None:
         decoded = _decode_all(examples, root, decode)
         _write(state, name, decoded)
+        if keep is not None:
+            evict(state, keep)
     if digests.hashed != hashed_before:
         files = {e.path for e in examples} | {e.mask for e in examples if e.mask is not None}
         digests.save(state, DIGESTS, files)
     return decoded
+
+
+def evict(state: SiteState, keep: int) -> list[str]:
+    """Empty all but the `keep` newest decoded sets (by mtime); returns their names.
+
+    Emptied, not deleted: only common/site_state.py touches the site's files, and it offers no
+    removal; an empty file costs no disk and reads as a miss."""
+    folder = state.path
+    held = [p for p in folder.glob("decoded-*.npz") if p.is_file() and p.stat().st_size > 0]
+    held.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    old = [p.name for p in held[max(keep, 1):]]
+    for name in old:
+        state.write_bytes(name, b"")
+    if old:
+        log.info("decode cache: emptied %d older decoded set(s), keeping %d", len(old), keep)
+    return old
 
 
 def _base(e: Example, root: Path) -> str:
@@ -123,6 +145,9 @@ def _write(state: SiteState, name: str, d: Decoded) -> None:
 def _read(state: SiteState, name: str) -> Decoded | None:
     """The cached decode, or None where it is missing or damaged (then it is simply decoded again)."""
     try:
+        path = state.path_for(name)
+        if not path.is_file() or path.stat().st_size == 0:  # missing, or emptied by `evict`
+            return None
         z = state.load_npz(name)
         if z is None:
             return None

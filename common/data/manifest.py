@@ -4,7 +4,10 @@
 `series,label` and `study,label` label every slice of a DICOM series or study by its
 Series/Study Instance UID, so a radiologist's per-study read labels all its images.
 Slices labelled together stay on one side of the train/validation split. Error
-messages name manifest lines, never UIDs or other tag values.
+messages name manifest lines, never UIDs or other tag values. Every path a manifest
+names stays inside its folder: an absolute path, `..` or a symlink leading out is
+refused, so a manifest cannot make the site train on (and leak into the model) files
+outside the data it was pointed at.
 """
 
 from __future__ import annotations
@@ -52,18 +55,29 @@ def _file_examples(manifest: Path, line: int, row: dict, column: str) -> list[Ex
     name = (row["file"] or "").strip()
     if not name:
         raise DataError(f"{manifest} line {line}: the file column is empty")
-    path = manifest.parent / name
+    path = inside(manifest, line, name)
     if column == "mask":
         if not row["mask"]:
             raise DataError(f"{manifest} line {line}: no mask for {row['file']}")
-        return [Example(path, mask=manifest.parent / row["mask"])]
+        return [Example(path, mask=inside(manifest, line, row["mask"].strip()))]
     label = _label(manifest, line, row)
     if path.is_dir():
-        files = image_files(path)
+        files = [inside(manifest, line, str(p.relative_to(manifest.parent))) for p in image_files(path)]
         if not files:
             raise DataError(f"{manifest} line {line}: folder {row['file']} holds no images")
         return [Example(p, label=label, group=f"folder:{name}") for p in files]
     return [Example(path, label=label)]
+
+
+def inside(manifest: Path, line: int, name: str) -> Path:
+    """`name` under the manifest's folder; DataError if it is absolute or leads out (`..`, a symlink)."""
+    folder = manifest.parent
+    path = folder / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+        where = f" line {line}" if line else ""
+        raise DataError(f"{manifest}{where}: {name!r} is outside the data folder {folder}: a manifest "
+                        "names files inside its own folder only (relative paths, no '..', no symlinks out)")
+    return path
 
 
 def _label(manifest: Path, line: int, row: dict) -> int:
@@ -91,6 +105,7 @@ def _by_uid(manifest: Path, key: str, rows: list[tuple[int, dict]]) -> list[Exam
         labels[uid] = (label, line)
     members: dict[str, list[Path]] = defaultdict(list)
     for path in image_files(manifest.parent):
+        inside(manifest, 0, str(path.relative_to(manifest.parent)))  # a symlink out of the folder: refused
         uid = _uid(path, UID_KEYWORDS[key])
         if uid in labels:
             members[uid].append(path)

@@ -99,20 +99,34 @@ def test_epsilon_is_cumulative_and_equals_opacus_accountant(hospitals, tmp_path)
 
 
 def test_dp_noise_is_not_derivable_from_the_servers_seed(hospitals, tmp_path):
-    """Same run config and weights, two sites' state folders: different DP noise; same folder: repeats."""
+    """Same run config and weights: a real site draws fresh noise and batches for every training, even
+    from the same state folder; only a virtual site (simulation: `index` set) repeats, by design."""
     run = RunConfig(num_server_rounds=1, local_epochs=1, batch_size=8, image_size=32, dp_target_delta=1e-3)
     arrays = to_record(build_model("classification", "cnn", image_size=32))
 
-    def update(state, run_id="r"):
-        site = Site(run, SiteConfig(str(hospitals / "site-000"), str(state), "cpu"))
+    def update(state, run_id="r", index=None):
+        site = Site(run, SiteConfig(str(hospitals / "site-000"), str(state), "cpu"), index)
         new, _ = site.train(arrays, 1, run_id=run_id)
         return torch.cat([v.flatten() for v in new.to_torch_state_dict().values()])
 
     # (another run name: the same run's round asked again would be answered from client/replay.py)
     a, b, a_again = update(tmp_path / "a"), update(tmp_path / "b"), update(tmp_path / "a", run_id="r2")
     assert not torch.allclose(a, b)
-    assert torch.equal(a, a_again)
+    assert not torch.allclose(a, a_again)  # a new run with the same seed: other noise, other batches
     assert oct((tmp_path / "a" / "site-secret").stat().st_mode)[-3:] == "600"
+    virtual = update(tmp_path / "v", index=0)
+    assert torch.equal(virtual, update(tmp_path / "v", run_id="r2", index=0))  # simulation repeats
+
+
+def test_a_real_site_seeds_every_training_afresh_and_a_virtual_site_from_the_run(tmp_path):
+    """The seed itself: never the same twice at a real site; a function of (seed, round, site) in simulation."""
+    run = RunConfig(seed=7)
+    real = Site(run, SiteConfig(str(tmp_path), str(tmp_path / "state"), "cpu"))
+    seeds = {real._generator(1).initial_seed() for _ in range(5)}
+    assert len(seeds) == 5
+    virtual = Site(run, SiteConfig(str(tmp_path), str(tmp_path / "v"), "cpu"), index=2)
+    assert virtual._generator(1).initial_seed() == virtual._generator(1).initial_seed()
+    assert virtual._generator(1).initial_seed() != virtual._generator(2).initial_seed()
 
 
 def test_added_noise_has_the_expected_standard_deviation():

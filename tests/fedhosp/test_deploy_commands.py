@@ -2,12 +2,14 @@
 
 import os
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from common.config import RunConfig, SiteConfig
 from common.errors import ConfigError
+from common.site_policy import SitePolicy, split_node_config
 from fedhosp import certs, coordinator, fleet_proxy, hospital
 from tests.flower_probes import parse_config_args, superlink_parser, supernode_parser
 
@@ -84,6 +86,25 @@ def test_supernode_gets_tls_auth_and_the_site_config(tmp_path):
     assert site.data_path == str((tmp_path / "dicom data").resolve())
     assert site.state_dir == str((tmp_path / "site a" / "state").resolve())
     assert (site.device, site.privacy_budget) == ("cpu", 6.5)
+
+
+def test_the_sites_policy_travels_in_its_node_config_and_a_budget_is_always_set(tmp_path):
+    keys = certs.site("hosp-a", tmp_path / "site")
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "data").mkdir()
+    opts = hospital.ClientOptions(server="h:1", ca=tmp_path / "ca.crt", key=keys.private, data=tmp_path / "data",
+                                  policy={"dp-delta": 1e-5, "max-image-size": 64, "allow-no-dp": True})
+    hospital.check(opts)
+    node = parse_config_args([hospital.node_config(opts)])
+    policy, rest = split_node_config(node)
+    assert policy == SitePolicy(dp_delta=1e-5, max_image_size=64, allow_no_dp=True)
+    assert SiteConfig.from_mapping(rest).privacy_budget == hospital.DEFAULT_PRIVACY_BUDGET  # none given: 10
+    with pytest.raises(ConfigError, match="--privacy-budget must be > 0"):
+        hospital.check(replace(opts, privacy_budget=0.0))
+    with pytest.raises(ConfigError, match="unknown key"):
+        hospital.check(replace(opts, policy={"max-imge-size": 64}))
+    with pytest.raises(ConfigError, match="max-image-size"):
+        hospital.check(replace(opts, policy={"max-image-size": 8}))
 
 
 def test_client_checks_its_inputs_before_starting_anything(tmp_path):
