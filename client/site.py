@@ -22,13 +22,13 @@ import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import local_state, replay
+from client import audit, local_state, replay
 from common import drift, ledger, privacy, training
 from common.config import RunConfig, SiteConfig
 from common.data import cache, sources, split
 from common.data.decode import decode_example
 from common.drift import DriftCorrectedSGD
-from common.errors import DataError, PrivacyBudgetExceeded
+from common.errors import DataError, PrivacyBudgetExceeded, SiteStateError
 from common.models import build_model
 from common.site_policy import SitePolicy, split_node_config
 from common.site_state import SiteState
@@ -37,6 +37,7 @@ from common.weights import load_record, to_record
 log = logging.getLogger(__name__)
 _MEMO: dict[str, tuple[TensorDataset, TensorDataset]] = {}
 _MEMO_SIZE = 8
+METER_LOCK = "evaluations.lock"
 
 
 @dataclass(frozen=True)
@@ -151,21 +152,36 @@ class Site:
         `correction` (SCAFFOLD's c - c_i, by parameter name) is added to every step's gradient.
         """
         self.admit()
+        self._note_new_ledger(run_id, server_round)
         self._set_threads()
         train_set, _ = self.data()
         if len(train_set) == 0:
             raise DataError("the training split is empty: add images or lower val-fraction")
         model, loader, optimizer = self._setup(arrays, server_round, run_id, correction, train_set)
         if self.run.dp_enabled:
-            return self._train_dp(arrays, server_round, run_id, correction is None, model, loader, optimizer)
-        return self._train_plain(run_id, model, loader, optimizer)
+            result = self._train_dp(arrays, server_round, run_id, correction is None, model, loader, optimizer)
+        else:
+            result = self._train_plain(run_id, model, loader, optimizer)
+        self._count_trained(run_id, server_round)
+        return result
 
     def admit(self) -> None:
-        """Refuse, before any data is read or memory taken, a run the site does not accept: without DP at a
-        site with a budget, a budget refusal (ε would be inf); else whatever the site's policy refuses."""
+        """Refuse, before any data is read or memory taken, a run the site does not accept: at a site whose
+        ledger fails verification, an error; without DP at a site with a budget, a budget refusal (ε would
+        be inf); else whatever the site's policy refuses."""
+        book = self._ledger()
+        book.entries()  # a ledger edited, truncated or deleted stops the site here (PrivacyLedgerError)
         if not self.run.dp_enabled and self.budget:
-            self._check_budget(self._ledger(), None)
+            self._check_budget(book, None)
         self.policy.check_training(self.run)
+
+    def _note_new_ledger(self, run_id: str, server_round: int) -> None:
+        """The hospital chose `new-ledger` where its key shows a ledger was deleted: say so in its audit log."""
+        if self.policy.new_ledger and self._ledger().deleted():
+            log.warning("starting a new privacy ledger in %s (node config new-ledger = true): the site's "
+                        "earlier ε is no longer counted", self.state.path)
+            audit.record(self.state, run_id, 0, "new-ledger", server_round,
+                         {"ledger-key": str(self.ledger_key.path)})
 
     def _setup(self, arrays: ArrayRecord, server_round: int, run_id: str,
                correction: Mapping[str, torch.Tensor] | None,
@@ -190,8 +206,8 @@ class Site:
         sent = replay.load(self.state, run_id, request) if request else None
         if sent is not None:  # this round again, as after a coordinator's resume: the same reply, no new ε
             log.info("round %d of run %s: trained already; sending the same reply again", server_round, run_id)
-            return sent[0], {**sent[1], **self._spent(self._ledger(), run_id, self.run.dp_target_delta,
-                                                      sent[1]["num-examples"])}
+            spent = self._spent(self._ledger(), run_id, self.run.dp_target_delta, sent[1]["num-examples"])
+            return sent[0], {**_without_loss(sent[1]), **spent}
         counts = self._counts(loader)
         self.policy.check_delta(self.run.dp_target_delta, counts["num-examples"])
         dp = privacy.plan(
@@ -199,23 +215,38 @@ class Site:
             self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm, state=self.state,
         )
         self.policy.check_noise(dp.noise_multiplier)
-        with self._ledger().locked() as book:
+        with self._ledger(self._data_identity()).locked() as book:
             self._check_run_target(book, dp, run_id)
             self._check_budget(book, dp, counts["num-examples"])
             engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
-            loss = self._fit(module, loader, optimizer)
+            self._fit(module, loader, optimizer)  # its loss is not sent: see `_without_loss`
             spent = [tuple(h) for h in engine.accountant.history]
             book.append(ledger.Entry(run_id, server_round, dp.noise_multiplier, dp.sample_rate,
                                      sum(n for _, _, n in spent), dp.delta, spent))
-        metrics = {**counts, "train-loss": loss, **self._spent(book, run_id, dp.delta, counts["num-examples"]),
+        metrics = {**counts, **self._spent(book, run_id, dp.delta, counts["num-examples"]),
                    "noise-multiplier": dp.noise_multiplier, "local-steps": optimizer.original_optimizer.steps}
         reply = self._finish(model, run_id)
         if request:
             replay.save(self.state, run_id, request, reply, metrics)
         return reply, metrics
 
-    def _ledger(self) -> ledger.PrivacyLedger:
-        return ledger.PrivacyLedger(self.state)
+    def _ledger(self, data: str = "") -> ledger.PrivacyLedger:
+        """The site's ledger, signed with its key; `data`: the identity new entries record."""
+        return ledger.PrivacyLedger(self.state, self.ledger_key, data, new=self.policy.new_ledger)
+
+    @property
+    def ledger_key(self) -> ledger.LedgerKey:
+        """The ledger's HMAC key: the site's `ledger-key`, else `<state-dir>.ledger-key` beside the folder."""
+        state = Path(self.config.state_dir)
+        return ledger.LedgerKey(Path(self.policy.ledger_key) if self.policy.ledger_key
+                                else state.parent / f"{state.name}.ledger-key")
+
+    def _data_identity(self) -> str:
+        """What a ledger entry was trained on: a digest of the site's files and manifest rows, whatever the
+        run's decoding settings (the cache's digests: nothing hashed twice)."""
+        root = Path(self.config.data_path)
+        return cache.cache_key(sources.load(root, self.run.task), root, {"identity": self.run.task},
+                               self.state.subfolder("cache"))
 
     @staticmethod
     def _counts(loader: DataLoader) -> dict[str, Any]:
@@ -285,15 +316,44 @@ class Site:
         personalized model never leaves the site; only its metrics do.
         """
         self.policy.check_resources(self.run)
+        self._count_evaluation(run_id)
         self._set_threads()
         _, val_set = self.data()
+        self.policy.check_validation(len(val_set))
         loader = DataLoader(val_set, batch_size=256)
         result = training.evaluate(self.model(arrays), loader, self.device, self.run.task)
         reply: dict[str, Any] = {"num-examples": result.num_examples, "site-weight": 1, **self._scores(result)}
         if self.run.local_norm or self.run.fine_tune_epochs:
             personal = training.evaluate(self._personalized(arrays, run_id), loader, self.device, self.run.task)
             reply.update({f"personal-{k}": v for k, v in self._scores(personal).items() if k != "auc-weight"})
-        return reply
+        return self.policy.rounded(reply)
+
+    def _count_evaluation(self, run_id: str | None) -> None:
+        """Spend one of the run's evaluations (SitePolicy.evaluation_allowance) before anything is read;
+        an evaluation that then fails still counts: the allowance bounds what was asked."""
+        name = _meter_name(run_id)
+        with self.state.lock(METER_LOCK):
+            meter = self._meter(name)
+            trained = min(len(meter["trained"]), self.run.num_server_rounds)  # round numbers are the server's
+            self.policy.check_evaluation(meter["answered"], trained)
+            self.state.write_json(name, {**meter, "answered": meter["answered"] + 1})
+
+    def _count_trained(self, run_id: str, server_round: int) -> None:
+        """Note a round trained in this run: what earns it more evaluations (once per round number)."""
+        name = _meter_name(run_id)
+        with self.state.lock(METER_LOCK):
+            meter = self._meter(name)
+            if server_round not in meter["trained"]:
+                self.state.write_json(name, {**meter, "trained": [*meter["trained"], server_round]})
+
+    def _meter(self, name: str) -> dict[str, Any]:
+        """A run's evaluation meter; a damaged one is an error, never a fresh allowance."""
+        try:
+            data = self.state.read_json(name) or {"trained": [], "answered": 0}
+            return {"trained": [int(r) for r in data["trained"]], "answered": int(data["answered"])}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SiteStateError(f"{self.state.path_for(name)} cannot be read ({exc}): this run's evaluations "
+                                 "cannot be counted; delete the file to restart its count") from None
 
     def _scores(self, result: training.Evaluation) -> dict[str, Any]:
         if result.num_examples == 0:  # an empty held-out split (a tiny site): the same keys, zero weight
@@ -320,6 +380,17 @@ class Site:
     def _set_threads(self) -> None:
         if self.run.client_threads > 0:
             torch.set_num_threads(self.run.client_threads)
+
+
+def _meter_name(run_id: str | None) -> str:
+    return SiteState.run_name("evaluations", run_id or "no-run", ".json")
+
+
+def _without_loss(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A DP reply without `train-loss`: the loss over the private batches is an exact function of the
+    patients' images that DP-SGD's noise does not cover, and neither would the noised model's loss on
+    the same images; no ε is accounted for it, so it does not leave the site (older stored replies)."""
+    return {k: v for k, v in metrics.items() if k != "train-loss"}
 
 
 def site_from_context(run: RunConfig, node_config: Mapping[str, Any]) -> Site:

@@ -11,6 +11,13 @@ Integrity, not secrecy: entries form a hash chain and a small anchor file next t
 the ledger records its length and head. A ledger that is missing, truncated,
 edited or unparseable while the anchor says otherwise is an error, never an empty
 ledger, so a budget cannot be reset by accident. Both files are written atomically.
+
+Authenticity, against whoever can rewrite the state folder: given a `LedgerKey` (an HMAC key kept
+outside the folder), every record also carries the identity of the data it was trained on and an
+HMAC over its chain hash and that identity, and the anchor an HMAC over its count and head. An
+edited ledger re-hashed, or a truncated one with its anchor rewritten, then fails verification; the
+key existing with neither file is a deleted ledger, refused unless the hospital starts a new one.
+Without a key (tools, tests) only the chain is checked.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -26,7 +34,7 @@ from typing import Any
 
 from common.errors import PrivacyLedgerError
 from common.privacy import History, epsilon
-from common.site_state import SiteState
+from common.site_state import SiteState, outside_secret
 
 LEDGER_FILE = "privacy-ledger.json"
 ANCHOR_FILE = "privacy-ledger.anchor"
@@ -60,14 +68,40 @@ class Entry:
         return cls(**fields, history=history)
 
 
-class PrivacyLedger:
-    """The ledger of one site, in its state folder."""
+@dataclass(frozen=True)
+class LedgerKey:
+    """Where a site's ledger key lives (outside its state folder); created with the ledger's first entry,
+    so that its existence says the site has kept a ledger."""
 
-    def __init__(self, state: SiteState | Path) -> None:
+    path: Path
+
+    def read(self) -> bytes | None:
+        return outside_secret(self.path, create=False)
+
+    def create(self) -> bytes:
+        return outside_secret(self.path, create=True) or b""
+
+
+class PrivacyLedger:
+    """The ledger of one site, in its state folder.
+
+    `key`: authenticate it (a site does; tools reading it need not). `data`: the identity of the data
+    new entries are trained on. `new`: the hospital starts a new ledger where its key shows one was
+    deleted (node config `new-ledger`).
+    """
+
+    def __init__(self, state: SiteState | Path, key: LedgerKey | None = None, data: str = "",
+                 new: bool = False) -> None:
         self.state = SiteState.at(state)
         self.path = self.state.path_for(LEDGER_FILE)
         self.anchor = self.state.path_for(ANCHOR_FILE)
+        self.key, self.data, self.new = key, data, new
         self._locked = False
+
+    def deleted(self) -> bool:
+        """The key says this site kept a ledger, and neither the ledger nor its anchor is there."""
+        return (self.key is not None and self.key.read() is not None
+                and not self.state.exists(LEDGER_FILE) and not self.state.exists(ANCHOR_FILE))
 
     def entries(self) -> list[Entry]:
         return [Entry.from_json(e["entry"]) for e in self._read()]
@@ -112,12 +146,23 @@ class PrivacyLedger:
         stamped = Entry(**{**asdict(entry), "history": entry.history,
                            "time": entry.time or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
         prev = records[-1]["hash"] if records else GENESIS
-        records.append({"entry": stamped.to_json(), "prev": prev, "hash": _chain(prev, stamped.to_json())})
+        record = {"entry": stamped.to_json(), "prev": prev, "hash": _chain(prev, stamped.to_json())}
+        anchor = {"format": FORMAT, "entries": len(records) + 1, "head": record["hash"]}
+        if self.key is not None:
+            secret = self.key.create()
+            record.update(data=self.data, mac=_mac(secret, record["hash"], self.data))
+            anchor["mac"] = _mac(secret, str(anchor["entries"]), anchor["head"])
+        records.append(record)
         self.state.write_json(LEDGER_FILE, {"format": FORMAT, "records": records}, indent=1)
-        self.state.write_json(ANCHOR_FILE, {"format": FORMAT, "entries": len(records), "head": records[-1]["hash"]},
-                              indent=1)
+        self.state.write_json(ANCHOR_FILE, anchor, indent=1)
 
     def _read(self) -> list[dict[str, Any]]:
+        if self.deleted() and not self.new:
+            raise PrivacyLedgerError(
+                f"{self.path} and {self.anchor} are missing but {self.key.path if self.key else ''} shows this "
+                "site has kept a ledger: restore both from backup, or set new-ledger = true in the node config "
+                "to start a new one (the site's earlier ε is then no longer counted)"
+            )
         anchor = self._anchor()
         records = self._records()
         if records is None:
@@ -128,7 +173,27 @@ class PrivacyLedger:
                 )
             return []
         self._verify(records, anchor)
+        if self.key is not None:
+            self._authenticate(records, anchor)
         return records
+
+    def _authenticate(self, records: Sequence[dict[str, Any]], anchor: dict[str, Any]) -> None:
+        """Every record and the anchor signed with the site's key: a re-hashed edit is caught."""
+        secret = self.key.read() if self.key is not None else None
+        if secret is None and (records or anchor["entries"]):
+            raise PrivacyLedgerError(f"{self.path} holds DP rounds but its key {self.key.path if self.key else ''} "
+                                     "is missing: restore the key from backup (a ledger written before "
+                                     "fedhosp signed ledgers cannot be verified: see docs/privacy.md)")
+        for i, record in enumerate(records):
+            if not hmac.compare_digest(str(record.get("mac", "")),
+                                       _mac(secret or b"", record["hash"], str(record.get("data", "")))):
+                raise PrivacyLedgerError(f"{self.path}: entry {i + 1} is not signed with this site's ledger key "
+                                         "(edited and re-hashed, or written without a key): restore the ledger "
+                                         "from backup")
+        if anchor["entries"] and not hmac.compare_digest(
+                str(anchor.get("mac", "")), _mac(secret or b"", str(anchor["entries"]), str(anchor["head"]))):
+            raise PrivacyLedgerError(f"{self.anchor} is not signed with this site's ledger key: restore the "
+                                     "ledger and its anchor from backup")
 
     def _records(self) -> list[dict[str, Any]] | None:
         try:
@@ -180,3 +245,6 @@ def concat(entries: Iterable[Entry]) -> History:
 def _chain(prev: str, entry: Any) -> str:
     return hashlib.sha256((prev + json.dumps(entry, sort_keys=True)).encode()).hexdigest()
 
+
+def _mac(key: bytes, *parts: str) -> str:
+    return hmac.new(key, "|".join(parts).encode(), hashlib.sha256).hexdigest()

@@ -11,6 +11,7 @@ admits exactly the run's own settings: simulations keep working and still go thr
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -54,6 +55,14 @@ class SitePolicy:
     max_server_rounds: int = _spec(1000, _at_least(1), "an integer >= 1")  # a ledger entry per round
     max_client_threads: int = _spec(64, _at_least(1), "an integer >= 1")
     decode_caches: int = _spec(3, _at_least(1), "an integer >= 1")  # decoded image sets kept on disk
+    # evaluation is an oracle on the validation images: a run gets this many answers per round the site
+    # trained in it, plus one (the starting model's), whatever the coordinator sends
+    evaluations_per_round: int = _spec(1, _at_least(1), "an integer >= 1")
+    min_validation_images: int = _spec(20, _at_least(0), "an integer >= 0")  # fewer: metrics about a few patients
+    # the ledger's HMAC key, outside the state folder ("": `<state-dir>.ledger-key` beside it)
+    ledger_key: str = _spec("")
+    new_ledger: bool = _spec(False)  # the hospital starts a new ledger where its key shows one was deleted
+    metric_decimals: int = _spec(3, lambda v: 0 <= v <= 15, "an integer in [0, 15]")  # evaluate metrics, rounded
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SitePolicy:
@@ -73,6 +82,7 @@ class SitePolicy:
             max_fine_tune_epochs=max(base.max_fine_tune_epochs, run.fine_tune_epochs),
             max_server_rounds=max(base.max_server_rounds, run.num_server_rounds),
             max_client_threads=max(base.max_client_threads, run.client_threads),
+            evaluations_per_round=run.num_server_rounds + 1, min_validation_images=0,
         )
 
     def check_resources(self, run: RunConfig) -> None:
@@ -115,6 +125,31 @@ class SitePolicy:
                                                          f"below this site's min-noise-multiplier = "
                                                          f"{self.min_noise_multiplier:g}")
 
+    def evaluation_allowance(self, trained_rounds: int) -> int:
+        """Evaluate answers a run gets here: `evaluations-per-round` for each round the site trained
+        in it and for the starting model; the coordinator's round numbers count for nothing."""
+        return self.evaluations_per_round * (trained_rounds + 1)
+
+    def check_evaluation(self, answered: int, trained_rounds: int) -> None:
+        """Before anything is read: refuse an evaluation beyond the run's allowance (`answered` so far)."""
+        allowance = self.evaluation_allowance(trained_rounds)
+        if answered >= allowance:  # no dedicated protocol name: the run's rounds are what the allowance counts
+            raise SitePolicyRefused("evaluations-per-round", f"{answered} evaluations answered in this run, its "
+                                                         f"allowance after {trained_rounds} trained round(s) "
+                                                         f"(evaluations-per-round = {self.evaluations_per_round})")
+
+    def check_validation(self, images: int) -> None:
+        """Refuse to evaluate on a split so small its metrics describe individual patients."""
+        if images < self.min_validation_images:
+            raise SitePolicyRefused("min-validation-images", f"the validation split holds {images} images, fewer than "
+                                                    f"this site's min-validation-images = "
+                                                    f"{self.min_validation_images}")
+
+    def rounded(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Evaluate metrics as they leave the site: floats to `metric-decimals`, so that answers to
+        nearly equal models cannot be differenced down to one image; counts unchanged."""
+        return {k: round(float(v), self.metric_decimals) if _fractional(v) else v for k, v in metrics.items()}
+
     def total_delta(self, num_examples: int, used: float) -> float:
         """δ at which the site states its total ε: its own δ; unset, the smaller of 1/(10·N) and the
         smallest δ a round of this site ever used (`used`), the conservative choice."""
@@ -129,6 +164,10 @@ def split_node_config(node_config: Mapping[str, Any]) -> tuple[SitePolicy, dict[
     policy = {k: v for k, v in node_config.items() if k in POLICY_KEYS}
     rest = {k: v for k, v in node_config.items() if k not in POLICY_KEYS}
     return SitePolicy.from_mapping(policy), rest
+
+
+def _fractional(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
 
 
 def _cap_name(key: str) -> str:

@@ -257,3 +257,27 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def outside_secret(path: Path, create: bool) -> bytes | None:
+    """A site secret kept outside its state folder (the ledger's HMAC key), so that whoever can rewrite
+    the folder cannot re-sign what it holds. Created (`create`) whole and 0600 like the folder's files,
+    never over another writer's; its folder is the hospital's, left as it is. None: missing."""
+    path = Path(path)
+    if create and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = SiteState._temp_write(path, lambda f: f.write(secrets.token_bytes(SECRET_BYTES)))
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.remove(tmp)
+        _fsync_dir(path.parent)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) != SECRET_BYTES:
+        raise SiteStateError(f"{path} holds {len(data)} bytes, not {SECRET_BYTES}: the key is damaged; "
+                             "restore it from backup")
+    return data

@@ -14,7 +14,8 @@ from common.weights import plain_state_dict
 
 def test_every_train_and_evaluate_is_appended_and_folded_per_run(tmp_path, hospitals):
     state = tmp_path / "state"
-    node_config = {"data-path": str(hospitals / "site-000"), "state-dir": str(state), "device": "cpu"}
+    node_config = {"data-path": str(hospitals / "site-000"), "state-dir": str(state), "device": "cpu",
+                   "min-validation-images": 0}  # 6 validation images
     cfg = RunConfig(num_server_rounds=2, local_epochs=1, dp_target_epsilon=4.0, client_threads=1)
     weights = ArrayRecord(torch_state_dict=plain_state_dict(build_model("classification", "cnn", image_size=32)))
     for run_id, kinds in ((11, ("train", "evaluate", "train")), (12, ("evaluate",))):

@@ -142,3 +142,68 @@ def test_ledger_show_prints_every_round_and_the_total(tmp_path, capsys):
     assert report["epsilon-total"] == pytest.approx(total, rel=1e-9)
     assert report["rounds"][1]["epsilon-run"] == pytest.approx(report["rounds"][3]["epsilon-run"])
     assert main(["ledger", "show", "--site", str(tmp_path / "nope")]) == 2
+
+
+def _rehash(ledger_path, anchor_path, records):
+    """What an editor who read common/ledger.py does: recompute the chain and the anchor over `records`."""
+    from common.ledger import GENESIS, _chain
+
+    prev = GENESIS
+    for r in records:
+        r["prev"], r["hash"] = prev, _chain(prev, r["entry"])
+        prev = r["hash"]
+    ledger_path.write_text(json.dumps({"format": 1, "records": records}))
+    anchor = json.loads(anchor_path.read_text())
+    anchor_path.write_text(json.dumps({**anchor, "entries": len(records), "head": prev}))
+
+
+def test_an_edited_and_rehashed_ledger_fails_the_sites_key(tmp_path):
+    from common.ledger import LedgerKey
+
+    key = LedgerKey(tmp_path / "ledger.key")  # outside the state folder
+    state = tmp_path / "state"
+    book = PrivacyLedger(state, key, data="site-data")
+    for i in (1, 2, 3):
+        book.append(_entry(i))
+    assert oct(key.path.stat().st_mode & 0o777) == "0o600"
+    ledger, anchor = state / LEDGER_FILE, state / ANCHOR_FILE
+    full, full_anchor = ledger.read_text(), anchor.read_text()
+
+    records = json.loads(full)["records"]
+    records[1]["entry"]["noise_multiplier"] = 50.0  # a cheaper past, the chain recomputed
+    _rehash(ledger, anchor, records)
+    assert len(PrivacyLedger(state).entries()) == 3  # the chain alone is fooled
+    with pytest.raises(PrivacyLedgerError, match="entry 2 is not signed"):
+        book.entries()
+
+    records = json.loads(full)["records"][:2]  # truncated, its anchor rewritten to match
+    _rehash(ledger, anchor, records)
+    with pytest.raises(PrivacyLedgerError, match="anchor is not signed"):
+        book.entries()
+
+    ledger.write_text(full)
+    anchor.write_text(full_anchor)
+    assert len(book.entries()) == 3
+    key.path.unlink()
+    with pytest.raises(PrivacyLedgerError, match=r"key .* is missing"):
+        book.entries()
+
+
+def test_a_deleted_ledger_stops_the_site_until_the_hospital_starts_a_new_one(hospitals, tmp_path):
+    from client import audit
+    from common.site_policy import SitePolicy
+
+    state = tmp_path / "site" / "state"
+    _site(hospitals, state).train(_arrays(), 1, "r")
+    assert (tmp_path / "site" / "state.ledger-key").is_file()  # beside the state folder, not in it
+    assert json.loads((state / LEDGER_FILE).read_text())["records"][0]["data"]  # the data it was trained on
+    (state / LEDGER_FILE).unlink()
+    (state / ANCHOR_FILE).unlink()
+    with pytest.raises(PrivacyLedgerError, match="new-ledger = true"):
+        _site(hospitals, state).train(_arrays(), 2, "r")
+    assert not (state / LEDGER_FILE).exists()
+
+    config = SiteConfig(str(hospitals / "site-000"), str(state), "cpu")
+    Site(RUN, config, own_policy=SitePolicy(dp_delta=1e-3, new_ledger=True)).train(_arrays(), 2, "r")
+    assert len(PrivacyLedger(state).entries()) == 1
+    assert [r["event"] for r in audit.read(state)] == ["new-ledger"]

@@ -238,3 +238,20 @@ def test_a_dp_round_with_fedbn_and_scaffold_opens_the_state_folder_only_through_
     assert any(p.endswith("audit.jsonl") for _, p, _ in seen)  # the recorder saw the whole round
     outside = sorted({(e, os.path.relpath(p, state), f) for e, p, f in seen if f != str(OWNER)})
     assert not outside, f"opened past common/site_state.py: {outside}"
+
+
+def test_a_secret_outside_the_state_folder_is_made_once_private_and_checked(tmp_path):
+    from common.site_state import outside_secret
+
+    site = tmp_path / "site"
+    site.mkdir(mode=0o755)
+    key = site / "state.ledger-key"
+    assert outside_secret(key, create=False) is None and not key.exists()
+    first = outside_secret(key, create=True)
+    assert first == outside_secret(key, create=True) == outside_secret(key, create=False) and len(first) == 32
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(site.stat().st_mode) == 0o755  # the hospital's folder, left as it is
+    assert [p.name for p in site.iterdir()] == [key.name]  # no temp file left
+    key.write_bytes(b"short")
+    with pytest.raises(SiteStateError, match="damaged"):
+        outside_secret(key, create=True)
