@@ -7,6 +7,11 @@ Flower 1.41 reads (`flwr supernode register` takes the public key, `flower-super
 --auth-supernode-private-key` the private one). A hospital makes its pair on its own
 machine and sends only the `.pub`: the private key never leaves the site's folder.
 Private keys are created 0600 and never overwritten.
+
+The CA key signs whatever hospitals will trust, so it never sits in the folder the server
+reads (`--certs`, mounted into the coordinator's container): `init` writes it to a folder of
+its own beside it (`ca_dir`: `certs/` -> `certs-ca/`, 0700) to be kept offline, and the
+coordinator refuses a `--certs` folder that holds one (`ServerCerts.check`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common.errors import ConfigError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
+CA_DIR_SUFFIX = "-ca"  # `--out certs` puts the CA key in `certs-ca/`
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 # The coordinator reaches its own SuperLink on loopback (Control API, `flwr` CLI, the
 # ServerApp's Runtime API), so the server certificate always names loopback too.
@@ -43,14 +49,21 @@ class ServerCerts:
     key: Path
 
     @classmethod
-    def in_dir(cls, folder: Path) -> ServerCerts:
-        return cls(folder / CA_CERT, folder / CA_KEY, folder / SERVER_CERT, folder / SERVER_KEY)
+    def in_dir(cls, folder: Path, ca_folder: Path | None = None) -> ServerCerts:
+        """The files `init(folder)` writes; the CA key is in `ca_folder` (default `ca_dir(folder)`)."""
+        ca_key = (ca_folder or ca_dir(folder)) / CA_KEY
+        return cls(folder / CA_CERT, ca_key, folder / SERVER_CERT, folder / SERVER_KEY)
 
     def check(self) -> None:
-        """The files a SuperLink needs (the CA key may be kept offline)."""
+        """The files a SuperLink needs, and no CA key beside them: whoever reads the server's folder
+        (its container, a backup, a compromised SuperLink) must not be able to mint certificates."""
         for path in (self.ca_cert, self.cert, self.key):
             if not path.is_file():
                 raise ConfigError(f"{path}: missing; create the certificates with `fedhosp certs init --out DIR`")
+        stray = self.cert.parent / CA_KEY
+        if stray.exists():
+            raise ConfigError(f"{stray}: the CA key is in the server's certificate folder; move it offline "
+                              f"(`fedhosp certs init` keeps it in {ca_dir(self.cert.parent)}/) and start again")
 
 
 @dataclass(frozen=True)
@@ -59,13 +72,24 @@ class SiteKeys:
     public: Path
 
 
-def init(out: Path, server_names: list[str]) -> ServerCerts:
-    """Create a CA and a server certificate for `server_names` (host names and IP addresses)."""
+def ca_dir(out: Path) -> Path:
+    """Where `init(out)` keeps the CA key: a folder beside `out`, never inside it."""
+    base = out if out.name else out.resolve()
+    return base.with_name(base.name + CA_DIR_SUFFIX)
+
+
+def init(out: Path, server_names: list[str], ca_out: Path | None = None) -> ServerCerts:
+    """Create a CA and a server certificate for `server_names` (host names and IP addresses) in `out`;
+    the CA key goes to `ca_out` (default `ca_dir(out)`), which must not be `out` or inside it."""
     if not server_names:
         raise ConfigError("--server-name is empty: give the host name(s) or IP address(es) hospitals connect to")
-    certs = ServerCerts.in_dir(out)
+    certs = ServerCerts.in_dir(out, ca_out)
+    if certs.ca_key.parent.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"the CA key's folder {certs.ca_key.parent} is inside {out}, which the server reads: "
+                          "choose a folder outside it")
     _refuse_overwrite(certs.ca_key, certs.key)
     out.mkdir(parents=True, exist_ok=True)
+    certs.ca_key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(CURVE)
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedhosp consortium"),
                          x509.NameAttribute(NameOID.COMMON_NAME, "fedhosp consortium CA")])

@@ -7,10 +7,17 @@ our app with `flwr run --stream`, prints our one line per round from the stream,
 stops every process it started on the way out. Each Flower command is printed before it
 runs. The SuperLink keeps its state in a SQLite file, so hospitals' SuperNodes keep
 their node ids across a coordinator restart and rejoin a `--resume`d run by themselves.
+
+`--sites` is the whole membership, at every start: after registering its keys, every other
+node the SuperLink knows is unregistered (`admit`), so removing a site's `.pub` and restarting
+locks that site out. `flwr supernode ls` does not show which key a node has, so the node id
+each key got is kept in `registered-sites.json` beside the database. Flower keeps an
+unregistered node's key, and never accepts it again: a revoked site comes back with a new key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -34,6 +41,8 @@ LOOPBACK = "127.0.0.1"
 # What the coordinator sees of the run's stream: our own log lines (not Flower's, nor Opacus's
 # basicConfig copies), and the last line of any traceback from our code.
 OWN_ERROR = re.compile(r"^(common|server|client)\.[\w.]+: ")
+REGISTERED = "registered-sites.json"  # in the work folder: {node id: {"name", "key"}} for every key we registered
+UNREGISTERED = "unregistered"  # a node's status in `flwr supernode ls` once revoked
 
 
 class RunFailed(FedhospError):
@@ -108,8 +117,18 @@ def superlink_command(opts: ServerOptions) -> list[str]:
     ]
 
 
-def register_command(name: str, key: Path) -> list[str]:
-    return ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name]
+def register_command(name: str, key: Path, *, as_json: bool = False) -> list[str]:
+    """`as_json`: Flower's JSON output, from which `register` reads the new node's id."""
+    return ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name,
+            *(["--format", "json"] if as_json else [])]
+
+
+def list_command() -> list[str]:
+    return ["flwr", "supernode", "ls", CONNECTION, "--format", "json"]
+
+
+def unregister_command(node_id: str) -> list[str]:
+    return ["flwr", "supernode", "unregister", node_id, CONNECTION]
 
 
 def run_config(opts: ServerOptions) -> dict[str, Any]:
@@ -158,8 +177,7 @@ def coordinator_up(opts: ServerOptions, echo: TextIO = sys.stdout) -> Iterator[t
         superlink = processes.start("SuperLink", superlink_command(opts), opts.work / "superlink.log", env)
         children.append(superlink)
         processes.wait_for_tls(superlink, LOOPBACK, opts.control_port, certs.ca_cert, opts.start_timeout)
-        for name, key in keys.items():  # before hospitals can reach it: an unknown key is turned away for good
-            register(name, key, env)
+        admit(keys, opts.work / REGISTERED, env)  # before hospitals can reach it
         config = opts.work / fleet_proxy.CONFIG
         config.write_text(fleet_proxy.render(host, port, opts.control_port, certs, opts.work.resolve()))
         proxy = processes.start("nginx", fleet_proxy.command(nginx, config.resolve()), opts.work / "nginx.out", env)
@@ -171,17 +189,92 @@ def coordinator_up(opts: ServerOptions, echo: TextIO = sys.stdout) -> Iterator[t
         yield children, env
 
 
-def register(name: str, key: Path, env: Mapping[str, str]) -> None:
-    cmd = register_command(name, key)
+def admit(keys: Mapping[str, Path], record_path: Path, env: Mapping[str, str]) -> None:
+    """Register every key in `keys`, then unregister every other node: `--sites` is the membership."""
+    listed = list_nodes(env)
+    record = {n: e for n, e in _load_record(record_path).items() if n in listed}  # a fresh database: none
+    members: dict[str, str] = {}
+    for name, key in keys.items():
+        members[register(name, key, env, record, listed)] = name
+        record_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")  # each id, once it exists
+    for node_id in to_unregister(listed, set(members)):
+        name = record.get(node_id, {}).get("name", "a node fedhosp did not register")
+        unregister(node_id, env)
+        print(f"  {name} (node {node_id}): unregistered, its key is not in --sites", flush=True)
+
+
+def to_unregister(listed: Mapping[str, str], members: set[str]) -> list[str]:
+    """The node ids in `listed` ({node id: status}) still admitted though not among `members`."""
+    return sorted(node_id for node_id, status in listed.items() if status != UNREGISTERED and node_id not in members)
+
+
+def key_fingerprint(key: Path) -> str:
+    """SHA-256 of a site's OpenSSH public key (type and key; the comment is free text)."""
+    return hashlib.sha256(" ".join(key.read_text().split()[:2]).encode()).hexdigest()
+
+
+def register(name: str, key: Path, env: Mapping[str, str], record: dict[str, dict[str, str]],
+             listed: Mapping[str, str]) -> str:
+    """Register `key` (or find the node an earlier start registered it as); return its node id."""
+    fingerprint = key_fingerprint(key)
+    cmd = register_command(name, key, as_json=True)
     processes.show(cmd)
     done = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, check=False)
     text = done.stdout + done.stderr
-    if done.returncode == 0:
-        return
-    if "already in use" in text:  # registered by an earlier start of this coordinator (same database)
-        print(f"  {name}: already registered", flush=True)
-        return
-    raise ConfigError(f"registering {name} ({key}) failed: {_last_words(text)}")
+    if done.returncode == 0 and (node_id := str(_json_out(done.stdout).get("node-id", ""))):
+        record[node_id] = {"name": name, "key": fingerprint}
+        return node_id
+    if "already in use" not in text:
+        raise ConfigError(f"registering {name} ({key}) failed: {_last_words(text)}")
+    node_id = next((n for n, entry in record.items() if entry.get("key") == fingerprint), "")
+    if not node_id:
+        raise ConfigError(f"{name}'s key ({key}) is registered in this SuperLink's database, but not in "
+                          f"{REGISTERED}, so other sites could not be told apart from it; remove superlink.db from "
+                          "the work folder to register every site in --sites afresh")
+    if listed.get(node_id) == UNREGISTERED:
+        raise ConfigError(f"{name}'s key ({key}) was revoked (node {node_id}) and Flower never accepts it again: "
+                          f"the hospital runs `fedhosp certs site {name}` in a new folder and sends the new .pub")
+    print(f"  {name}: already registered (node {node_id})", flush=True)
+    record[node_id]["name"] = name
+    return node_id
+
+
+def list_nodes(env: Mapping[str, str]) -> dict[str, str]:
+    """{node id: status} of every node the SuperLink knows, revoked ones included."""
+    cmd = list_command()
+    processes.show(cmd)
+    done = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, check=False)
+    nodes = _json_out(done.stdout).get("nodes")
+    if done.returncode != 0 or not isinstance(nodes, list):
+        raise ConfigError(f"listing the SuperLink's nodes failed: {_last_words(done.stdout + done.stderr)}")
+    return {str(node["node-id"]): str(node.get("status", "")) for node in nodes}
+
+
+def unregister(node_id: str, env: Mapping[str, str]) -> None:
+    cmd = unregister_command(node_id)
+    processes.show(cmd)
+    done = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ConfigError(f"unregistering node {node_id} failed: {_last_words(done.stdout + done.stderr)}")
+
+
+def _load_record(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc}); restore it or remove superlink.db beside it") from None
+    return {str(k): dict(v) for k, v in loaded.items()}
+
+
+def _json_out(stdout: str) -> dict[str, Any]:
+    """The JSON object in a `flwr ... --format json` output (other lines may come before it)."""
+    try:
+        found = json.loads(stdout[stdout.index("{"):])
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def submit(opts: ServerOptions, env: Mapping[str, str], children: list[processes.Child], echo: TextIO) -> str:

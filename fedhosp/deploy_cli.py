@@ -22,7 +22,8 @@ def add_deploy_commands(sub: Any) -> None:
     certs = sub.add_parser("certs", help="provisioning: the consortium CA, the server certificate, site keys")
     certs_sub = certs.add_subparsers(required=True, metavar="ACTION")
     init = certs_sub.add_parser("init", help="create a CA and the coordinator's TLS certificate")
-    init.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
+    init.add_argument("--out", type=Path, required=True,
+                      help="folder for ca.crt, server.crt, server.key (the CA key goes to OUT-ca/ca.key, never here)")
     init.add_argument("--server-name", required=True, metavar="HOST[,IP...]",
                       help="every host name and IP address hospitals use to reach the coordinator")
     init.set_defaults(handler=cmd_certs_init)

@@ -12,19 +12,52 @@ server certificate, forwards POST /v1/fleet/* to the SuperLink over TLS (verifie
 the consortium CA) and answers 404 to every other path. SuperNode authentication is a
 signature in request headers (flwr/superlink/routers/fleet/node_auth.py), so it passes
 through the proxy untouched.
+
+The hospitals' address is on the open internet, so nginx also bounds what one client can
+cost us before Flower sees a byte: request bodies no larger than our largest model needs
+(`max_body_bytes`), a few connections and a steady request rate per client address, and
+short timeouts for slow senders. Flower's SuperNode makes unary calls with a 30 s client
+timeout (flwr/supercore/protobuf/client.py), so no Fleet call legitimately takes longer.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
 from fedhosp.certs import ServerCerts
 
+if TYPE_CHECKING:
+    from torch import nn
+
 CONFIG = "nginx.conf"
 FLEET_PREFIX = "/v1/fleet/"
 NGINX_HINT = "install nginx (Debian/Ubuntu: apt-get install nginx-light) or pass --nginx PATH"
+MIB = 1 << 20
+# The widest shape a registry model is sized at: more channels and classes than any run configures.
+SIZED_AT = {"in_channels": 3, "num_classes": 1000, "image_size": 1024}
+PACKING_FACTOR = 2  # Flower's object packing, the protobuf envelope and headers, with room to spare
+CONNECTIONS_PER_ADDRESS = 32  # a SuperNode keeps one or two; several sites may share one NAT address
+REQUESTS_PER_SECOND, REQUEST_BURST = 50, 400  # a SuperNode polls about twice a second; rounds come in bursts
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S, UPSTREAM_TIMEOUT_S = 10, 30, 60
+
+
+@functools.cache
+def max_body_bytes() -> int:
+    """The largest request body a site may send: the largest registry model's float32 weights, times
+    PACKING_FACTOR, rounded up to whole MiB. Computed from common/models, so it follows the models."""
+    from common.models import REGISTRY, build_model  # torch: only when a config is written
+
+    largest = max(_float32_bytes(build_model(spec.task, name, **SIZED_AT)) for name, spec in REGISTRY.items())
+    return math.ceil(largest * PACKING_FACTOR / MIB) * MIB
+
+
+def _float32_bytes(model: nn.Module) -> int:
+    return sum(4 * tensor.numel() for tensor in model.state_dict().values())
 
 
 def find_nginx(explicit: str | None = None) -> str:
@@ -35,8 +68,11 @@ def find_nginx(explicit: str | None = None) -> str:
     return found
 
 
-def render(listen_host: str, listen_port: int, upstream_port: int, certs: ServerCerts, workdir: Path) -> str:
-    """nginx.conf for one server block; every runtime file lives in `workdir`."""
+def render(listen_host: str, listen_port: int, upstream_port: int, certs: ServerCerts, workdir: Path,
+           max_body: int | None = None) -> str:
+    """nginx.conf for one server block; every runtime file lives in `workdir`. `max_body`: bytes per request
+    body (default `max_body_bytes()`); larger ones get 413 from nginx."""
+    body_mib = math.ceil((max_body or max_body_bytes()) / MIB)
     listen = f"[{listen_host}]:{listen_port}" if ":" in listen_host else f"{listen_host}:{listen_port}"
     tmp = {name: workdir / f"nginx-{name}" for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     return f"""# Written by `fedhosp server`: the hospitals' address serves the Fleet API only.
@@ -53,12 +89,24 @@ http {{
     uwsgi_temp_path {tmp["uwsgi"]};
     scgi_temp_path {tmp["scgi"]};
     server_tokens off;
+    # Per client address: at most this many open connections and this request rate (excess waits in
+    # the burst queue, beyond it gets 429); slow senders are cut off instead of holding a connection.
+    limit_conn_zone $binary_remote_addr zone=per_address:1m;
+    limit_req_zone $binary_remote_addr zone=fleet_rate:1m rate={REQUESTS_PER_SECOND}r/s;
+    limit_conn_status 429;
+    limit_req_status 429;
+    client_header_timeout {HEADER_TIMEOUT_S}s;
+    client_body_timeout {BODY_TIMEOUT_S}s;
+    send_timeout {BODY_TIMEOUT_S}s;
+    keepalive_timeout 65s;
     server {{
         listen {listen} ssl;
         ssl_certificate {certs.cert};
         ssl_certificate_key {certs.key};
         ssl_protocols TLSv1.2 TLSv1.3;
-        client_max_body_size 0;  # model weights travel as request bodies
+        limit_conn per_address {CONNECTIONS_PER_ADDRESS};
+        limit_req zone=fleet_rate burst={REQUEST_BURST} delay={REQUEST_BURST // 4};
+        client_max_body_size {body_mib}m;  # the largest model, packed (max_body_bytes)
         # nginx matches the normalised path ('..', '%2e', '//' resolved) and, because proxy_pass
         # names a URI, forwards that normalised path: nothing outside /v1/fleet/ gets through.
         location {FLEET_PREFIX} {{
@@ -71,8 +119,9 @@ http {{
             proxy_request_buffering off;
             proxy_buffering off;
             proxy_max_temp_file_size 0;
-            proxy_read_timeout 3600s;
-            proxy_send_timeout 3600s;
+            proxy_connect_timeout 10s;
+            proxy_read_timeout {UPSTREAM_TIMEOUT_S}s;
+            proxy_send_timeout {UPSTREAM_TIMEOUT_S}s;
         }}
         location / {{ return 404; }}
     }}

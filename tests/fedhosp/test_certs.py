@@ -33,6 +33,23 @@ def test_init_writes_a_ca_and_a_server_certificate_for_every_name(tmp_path):
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1"]
 
 
+def test_the_ca_key_is_kept_out_of_the_folder_the_server_reads(tmp_path):
+    made = certs.init(tmp_path / "certs", ["fl"])
+    assert made.ca_key == tmp_path / "certs-ca" / "ca.key" and made.ca_key.is_file()
+    assert _mode(made.ca_key) == 0o600 and _mode(made.ca_key.parent) == 0o700
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["ca.crt", "server.crt", "server.key"]
+    certs.ServerCerts.in_dir(tmp_path / "certs").check()  # what the coordinator needs is all there
+    with pytest.raises(ConfigError, match="refusing to overwrite"):  # the CA key is never overwritten either
+        certs.init(tmp_path / "other", ["fl"], ca_out=tmp_path / "certs-ca")
+    (tmp_path / "certs" / "ca.key").write_bytes(made.ca_key.read_bytes())  # put back where the server reads
+    with pytest.raises(ConfigError, match="move it offline"):
+        certs.ServerCerts.in_dir(tmp_path / "certs").check()
+    with pytest.raises(ConfigError, match="inside"):
+        certs.init(tmp_path / "third", ["fl"], ca_out=tmp_path / "third" / "ca")
+    offline = certs.init(tmp_path / "fourth", ["fl"], ca_out=tmp_path / "usb")
+    assert offline.ca_key == tmp_path / "usb" / "ca.key" and not (tmp_path / "fourth-ca").exists()
+
+
 @pytest.mark.parametrize(("name", "accepted"), [("fl.example.org", True), ("localhost", True),
                                                 ("other.example.org", False)])
 def test_a_tls_client_trusting_only_the_ca_accepts_exactly_the_server_names(tmp_path, name, accepted):

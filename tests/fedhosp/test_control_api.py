@@ -5,18 +5,24 @@ open-source build and shares the SuperLink's port with the Fleet API; `fedhosp s
 binds the SuperLink to 127.0.0.1 and puts nginx, forwarding /v1/fleet/* only, on the
 hospitals' address. These tests send Control API calls to that address (all refused),
 check the SuperLink listens on loopback only, and that the Fleet API does get through.
-Hospitals without the CA, in plaintext, or with an unregistered key are turned away.
+Hospitals without the CA, in plaintext, or with an unregistered key are turned away; so is a
+request body larger than our largest model, by nginx; and a site whose key left --sites, at restart.
 """
 
+import json
+import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from fedhosp import certs, coordinator, processes
+from common.errors import ConfigError
+from fedhosp import certs, coordinator, fleet_proxy, processes
 from tests.flower_probes import (
     PROTOBUF_MEDIA_TYPE,
     PROTOBUF_REQUEST_TYPES,
@@ -119,6 +125,110 @@ def test_fedhosp_client_says_why_it_was_refused(link, tmp_path):
                               timeout=180, cwd=ROOT)
         assert done.returncode == 2, done.stderr[-2000:]
         assert message in done.stderr
+
+
+def test_a_body_larger_than_the_largest_model_is_refused_by_nginx(link):
+    limit = fleet_proxy.max_body_bytes()
+    assert limit >= 2 * 4 * 100_000  # sized from the models: our CNN alone has more than 100k weights
+    over = _post(link["fleet"], "/v1/fleet/push-messages", link["ca"], b"\0" * (limit + 1))
+    assert over.status_code == 413 and "Request Entity Too Large" in over.text  # nginx's page, not Flower's
+    at = _post(link["fleet"], "/v1/fleet/push-messages", link["ca"], b"\0" * limit)
+    assert at.status_code == 400 and "nginx" not in at.text, at.text[:300]  # the SuperLink's: not protobuf
+    # a client that only claims a 1 GiB body is answered 413 at once, before sending any of it
+    head = (f"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: {PROTOBUF_MEDIA_TYPE}\r\n"
+            f"Content-Length: {1 << 30}\r\n\r\n")
+    context = ssl.create_default_context(cafile=str(link["ca"]))
+    with socket.create_connection(("127.0.0.1", link["fleet"]), timeout=20) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(head.encode())
+        assert tls.recv(64).startswith(b"HTTP/1.1 413")
+
+
+def test_a_client_that_sends_its_headers_slowly_is_cut_off(link):
+    context = ssl.create_default_context(cafile=str(link["ca"]))
+    with socket.create_connection(("127.0.0.1", link["fleet"]), timeout=20) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: localhost\r\n")  # and never the rest
+        started = time.monotonic()
+        tls.settimeout(fleet_proxy.HEADER_TIMEOUT_S + 15)
+        try:
+            answer = tls.recv(64)
+        except (ssl.SSLError, ConnectionError):
+            answer = b""
+        waited = time.monotonic() - started
+    assert answer == b"" and waited < fleet_proxy.HEADER_TIMEOUT_S + 5, (answer, waited)  # closed, unanswered
+
+
+def test_the_proxy_config_limits_each_client_address(link):
+    text = (link["opts"].work / fleet_proxy.CONFIG).read_text()
+    assert f"client_max_body_size {fleet_proxy.max_body_bytes() // fleet_proxy.MIB}m;" in text
+    for directive in ("limit_conn per_address ", "limit_req zone=fleet_rate ", "limit_req_zone $binary_remote_addr ",
+                      "client_header_timeout 10s;", "client_body_timeout 30s;", "proxy_read_timeout 60s;"):
+        assert directive in text, directive
+    assert "client_max_body_size 0" not in text and "3600s" not in text
+
+
+def test_admit_unregisters_every_node_whose_key_left_the_sites(tmp_path, monkeypatch):
+    """The reconcile step against a fake `flwr` CLI: registers, keeps, revokes, and refuses a revoked key."""
+    keys = {n: certs.site(n, tmp_path / n).public for n in ("hosp-a", "hosp-b")}
+    record = tmp_path / "registered.json"
+    record.write_text(json.dumps({"7": {"name": "hosp-a", "key": coordinator.key_fingerprint(keys["hosp-a"])},
+                                  "8": {"name": "gone", "key": "f" * 64}}))
+    listing = {"7": "online", "8": "offline", "9": "registered", "5": "unregistered"}
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[1:4])
+        if cmd[2] == "ls":
+            nodes = [{"node-id": n, "status": s} for n, s in listing.items()]
+            return subprocess.CompletedProcess(cmd, 0, json.dumps({"success": True, "nodes": nodes}), "")
+        if cmd[2] == "register" and cmd[3] == str(keys["hosp-a"]):
+            return subprocess.CompletedProcess(cmd, 1, '{"success": false, "error-message": "Public key already '
+                                               'in use"}', "")
+        if cmd[2] == "register":
+            return subprocess.CompletedProcess(cmd, 0, '{"success": true, "node-id": 11}', "")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(coordinator.subprocess, "run", fake_run)
+    coordinator.admit(keys, record, {})
+    assert [c[2] for c in calls if c[1] == "unregister"] == ["8", "9"]  # hosp-a (7) and hosp-b (11) stay
+    assert json.loads(record.read_text())["11"]["name"] == "hosp-b"
+    listing["7"] = "unregistered"  # hosp-a's key was revoked earlier: Flower never takes it back
+    with pytest.raises(ConfigError, match="was revoked"):
+        coordinator.admit(keys, record, {})
+    assert coordinator.to_unregister({"1": "online", "2": "unregistered", "3": "offline"}, {"3"}) == ["1"]
+
+
+def test_removing_a_sites_key_and_restarting_locks_it_out(tmp_path):
+    certs.init(tmp_path / "certs", ["fl.example.org"])
+    (tmp_path / "sites").mkdir()
+    for name in ("hosp-a", "hosp-b"):
+        certs.site(name, tmp_path / name)
+        shutil.copy(tmp_path / name / f"{name}.pub", tmp_path / "sites")
+    fleet = processes.free_port()
+    opts = coordinator.ServerOptions(certs=tmp_path / "certs", sites=tmp_path / "sites", rounds=1, out=tmp_path / "out",
+                                     app=ROOT, listen=f"127.0.0.1:{fleet}", control_port=processes.free_port())
+    with coordinator.coordinator_up(opts) as (_, env):
+        first = coordinator.list_nodes(env)
+    assert len(first) == 2 and coordinator.UNREGISTERED not in first.values()
+    (tmp_path / "sites" / "hosp-b.pub").unlink()
+    with coordinator.coordinator_up(opts) as (_, env):
+        after = coordinator.list_nodes(env)
+        ids = {e["name"]: n for n, e in json.loads((opts.work / coordinator.REGISTERED).read_text()).items()}
+        assert after == {**first, ids["hosp-b"]: coordinator.UNREGISTERED}  # hosp-a untouched
+        done = _client(fleet, tmp_path / "certs" / "ca.crt", tmp_path / "hosp-b" / "hosp-b.key", tmp_path)
+        assert done.returncode == 2 and "is not registered" in done.stderr, done.stderr[-2000:]
+    shutil.copy(tmp_path / "hosp-b" / "hosp-b.pub", tmp_path / "sites")  # putting the old key back is no way in
+    with pytest.raises(ConfigError, match="was revoked"), coordinator.coordinator_up(opts):
+        pass
+
+
+def _client(fleet_port, ca, key, tmp_path):
+    data = tmp_path / "client-data"
+    data.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "fedhosp.cli", "client", "--server", f"127.0.0.1:{fleet_port}", "--data", str(data),
+           "--max-wait", "20", "--runtime-port", str(processes.free_port()), "--ca", str(ca), "--key", str(key)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
 
 
 # Runs a command as a child subreaper: Flower's SuperNode starts its SuperExec in a session of

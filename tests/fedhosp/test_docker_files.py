@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from fedhosp import certs
 from fedhosp.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,3 +70,23 @@ def test_provisioning_names_the_server_and_keeps_private_keys_at_their_site():
     assert not any(m.startswith("hosp-") for m in mounts["server"])  # public keys only, via `pubs`
     declared = set(COMPOSE["volumes"])
     assert all(m in declared for ms in mounts.values() for m in ms)
+
+
+def _mounts(service):
+    return {v.split(":")[1]: v.split(":")[0] for v in SERVICES[service]["volumes"]}
+
+
+def test_no_running_service_mounts_the_ca_key():
+    script = SERVICES["provision"]["command"][0]
+    init = next(shlex.split(line.strip()) for line in script.splitlines() if "fedhosp certs init" in line)
+    out = Path(init[init.index("--out") + 1])
+    key_folder = str(certs.ca_dir(out))  # where `certs init --out` puts ca.key
+    provision = _mounts("provision")
+    assert key_folder in provision and provision[key_folder] != provision[str(out)]  # its own volume
+    ca_key_volume = provision[key_folder]
+    for name in SERVICES:
+        if name != "provision":
+            assert ca_key_volume not in _mounts(name).values(), name
+    assert _mounts("server")["/certs"] == provision[str(out)]  # the server gets ca.crt and its own key only
+    assert all(mode == "ro" for v in SERVICES["server"]["volumes"] if v.startswith("certs:")
+               for mode in [v.rsplit(":", 1)[1]])
