@@ -172,16 +172,22 @@ def parse_overrides(text: str) -> dict[str, Any]:
     """`--run-config` for every command: `"a=1 b='two words' c=x"` -> {"a": 1, "b": "two words", "c": "x"}.
     Each value is read as a TOML value (Flower's syntax: numbers, true/false, quoted strings), or else
     as a bare word, so `task=segmentation` and `task='segmentation'` mean the same everywhere."""
-    pairs: dict[str, Any] = {}
+    return {key: _toml_or_word(value) for key, value in key_value_pairs(text, "--run-config", "KEY=VALUE")}
+
+
+def key_value_pairs(text: str, flag: str, form: str) -> list[tuple[str, str]]:
+    """`text`'s shell words as (key, value) pairs, each `KEY=...`: the one tokenizer of every
+    KEY=VALUE option (`flag` and `form` name it in the error)."""
     try:
         tokens = shlex.split(text)
     except ValueError as exc:
-        raise ConfigError(f"--run-config {text!r}: {exc}") from None
+        raise ConfigError(f"{flag} {text!r}: {exc}") from None
+    pairs = []
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--run-config entry {token!r} is not KEY=VALUE")
-        pairs[key.strip()] = _toml_or_word(value.strip())
+            raise ConfigError(f"{flag} entry {token!r} is not {form}")
+        pairs.append((key.strip(), value.strip()))
     return pairs
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import RunConfig, key_value_pairs
 from common.errors import ConfigError, FedhospError
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,10 @@ def parse_grid(text: str) -> dict[str, list[str]]:
     before any cell has run, while a bad value fails only its cells."""
     known = set(RunConfig().to_mapping())
     grid: dict[str, list[str]] = {}
-    try:
-        tokens = shlex.split(text)
-    except ValueError as exc:
-        raise ConfigError(f"--grid {text!r}: {exc}") from None
-    for token in tokens:
-        key, sep, values = token.partition("=")
+    for key, values in key_value_pairs(text, "--grid", "KEY=VALUE[,VALUE...]"):
         choices = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key or not choices:
-            raise ConfigError(f"--grid entry {token!r} is not KEY=VALUE[,VALUE...]")
+        if not choices:
+            raise ConfigError(f"--grid entry {key}={values} is not KEY=VALUE[,VALUE...]")
         if key not in known:
             raise ConfigError(f"--grid key {key!r} is not a run setting (one of: {', '.join(sorted(known))})")
         if key in grid:
