@@ -7,7 +7,6 @@ model file also carries a model card (common/model_card.py) for the hospitals.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 
 from common.config import RunConfig
 from common.model_card import FILE_FORMAT, ModelCard
+from server import durable
 
 FORMAT = FILE_FORMAT  # one layout for checkpoints and model files; common/ owns it (hospitals read it)
 LAST = "checkpoint-last.pt"
@@ -24,8 +24,6 @@ MODEL = "model.pt"
 
 def save(path: Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
          server_round: int, metrics: Mapping[str, Any], card: ModelCard | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     content: dict[str, Any] = {
         "format": FORMAT,
         "round": server_round,
@@ -35,8 +33,7 @@ def save(path: Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str
     }
     if card is not None:
         content["card"] = card.to_dict()
-    torch.save(content, tmp)
-    os.replace(tmp, path)
+    durable.replace(path, lambda f: torch.save(content, f))
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ sampling with fraction-train < 1, client-level DP noise) is drawn afresh.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.flower_compat import strategy_state
-from server import checkpoint, runlog
+from server import checkpoint, durable, runlog
 
 log = logging.getLogger(__name__)
 STRATEGY_LAST = "strategy-last.pt"
@@ -38,10 +37,8 @@ class Resumed:
 
 
 def save_strategy(out: Path, strategy: Strategy, server_round: int) -> None:
-    path = out / STRATEGY_LAST
-    tmp = path.with_suffix(".tmp")
-    torch.save({"round": server_round, "layers": strategy_state.capture(strategy)}, tmp)
-    os.replace(tmp, path)
+    state = {"round": server_round, "layers": strategy_state.capture(strategy)}
+    durable.replace(out / STRATEGY_LAST, lambda f: torch.save(state, f))
 
 
 def restore(out: Path, cfg: RunConfig, strategy: Strategy) -> Resumed:
@@ -62,9 +59,7 @@ def restore(out: Path, cfg: RunConfig, strategy: Strategy) -> Resumed:
     _load_strategy(out, strategy, done)
     log_path = out / runlog.RUN_LOG
     records = [r for r in runlog.read(log_path) if int(r["round"]) <= done] if log_path.is_file() else []
-    runlog.start(log_path)
-    for record in records:
-        runlog.append(log_path, record)
+    runlog.rewrite(log_path, records)  # whole or not at all: a crash here keeps the finished rounds' lines
     log.info("resuming after round %d of %d from %s", done, cfg.num_server_rounds, path)
     return Resumed(ArrayRecord(torch_state_dict=saved["state_dict"]), done + 1, str(old.get("run-name", "")))
 

@@ -15,12 +15,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from server import durable
+
 RUN_LOG = "runlog.jsonl"
 
 
 def start(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
+    rewrite(path, [])
+
+
+def rewrite(path: Path, records: list[Mapping[str, Any]]) -> None:
+    """The log holding exactly `records`, replaced whole (resume trims it to the checkpoint's round)."""
+    text = "".join(json.dumps(finite(r), allow_nan=False) + "\n" for r in records)
+    durable.replace(path, lambda f: f.write(text.encode()))
 
 
 def append(path: Path, record: Mapping[str, Any]) -> None:
