@@ -130,6 +130,16 @@ class SiteState:
         _fsync_dir(path.parent)
         return True
 
+    def remove(self, name: str) -> bool:
+        """Delete `name` (False if it was not there), the folder fsynced: an evicted cache stays gone."""
+        path = self.path_for(name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Hold an exclusive lock on `name` (created empty), released on exit or when the process dies."""

@@ -5,7 +5,7 @@ name, label, frame and the decode settings: a copied or restored archive hits th
 cache, an edited file or a new image size is decoded afresh. The site passes its own
 state folder, so a cache is never shared across sites, and it is safe to delete: a
 missing or damaged cache file is simply decoded again. A site keeps at most `keep` decoded sets
-(image sizes, data versions): each new one empties the oldest beyond that, so a coordinator
+(image sizes, data versions): each new one removes the oldest beyond that, so a coordinator
 cycling image sizes cannot fill the site's disk.
 
 Every frame of a multi-frame file becomes its own row (`file.dcm#3`), with the file's
@@ -86,18 +86,15 @@ def load_or_decode(
 
 
 def evict(state: SiteState, keep: int) -> list[str]:
-    """Empty all but the `keep` newest decoded sets (by mtime); returns their names.
-
-    Emptied, not deleted: only common/site_state.py touches the site's files, and it offers no
-    removal; an empty file costs no disk and reads as a miss."""
+    """Delete all but the `keep` newest decoded sets (by mtime), through the state's owner; returns their names."""
     folder = state.path
     held = [p for p in folder.glob("decoded-*.npz") if p.is_file() and p.stat().st_size > 0]
     held.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
     old = [p.name for p in held[max(keep, 1):]]
     for name in old:
-        state.write_bytes(name, b"")
+        state.remove(name)
     if old:
-        log.info("decode cache: emptied %d older decoded set(s), keeping %d", len(old), keep)
+        log.info("decode cache: removed %d older decoded set(s), keeping %d", len(old), keep)
     return old
 
 
@@ -146,7 +143,7 @@ def _read(state: SiteState, name: str) -> Decoded | None:
     """The cached decode, or None where it is missing or damaged (then it is simply decoded again)."""
     try:
         path = state.path_for(name)
-        if not path.is_file() or path.stat().st_size == 0:  # missing, or emptied by `evict`
+        if not path.is_file() or path.stat().st_size == 0:  # missing, or left empty by a crash
             return None
         z = state.load_npz(name)
         if z is None:
