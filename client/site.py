@@ -23,14 +23,14 @@ from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import audit, local_state, replay
-from common import drift, ledger, privacy, training
+from common import drift, ledger, privacy, scores, training
 from common.config import RunConfig, SiteConfig
 from common.data import cache, sources, split
-from common.data.decode import decode_example
-from common.drift import DriftCorrectedSGD
+from common.data.decode import decode_example, is_colour
 from common.errors import DataError, PrivacyBudgetExceeded, SiteStateError
-from common.models import build_model
-from common.site_policy import SitePolicy, split_node_config
+from common.models import build_model, input_channels
+from common.models.trainable import freeze
+from common.site_policy import DEFAULT_PRIVACY_BUDGET, SitePolicy, split_node_config
 from common.site_state import SiteState
 from common.weights import load_record, to_record
 
@@ -68,7 +68,9 @@ class Site:
         self.policy.check_resources(self.run)
         root = Path(self.config.data_path)
         examples = sources.load(root, self.run.task)
-        params = {"decoder": "v2", "task": self.run.task, "image_size": self.run.image_size}
+        channels = self.channels
+        params = {"decoder": "v2", "task": self.run.task, "image_size": self.run.image_size,
+                  **({"channels": channels} if channels != 1 else {})}  # grey: the key (and cache) as before
         fraction, split_seed = self.policy.val_fraction, self.policy.split_seed
         split_key = f"{fraction}|{split_seed}|{self.run.num_classes}"
         cache_dir = self.state.subfolder("cache")
@@ -76,16 +78,25 @@ class Site:
         if key not in _MEMO:
             decoded = cache.load_or_decode(
                 examples, root, cache_dir, params,
-                partial(decode_example, size=self.run.image_size), keep=self.policy.decode_caches,
+                partial(decode_example, size=self.run.image_size, channels=channels), keep=self.policy.decode_caches,
             )
             self._check_classes(root, decoded)
+            self._note_colour(examples, channels)
             val = split.held_out(decoded, fraction, split_seed)
-            images = torch.from_numpy(decoded.images.astype("float32")).unsqueeze(1)
+            images = torch.from_numpy(decoded.images.astype("float32"))
+            images = images.unsqueeze(1) if images.ndim == 3 else images  # (N, C, H, W)
             labels = torch.from_numpy(decoded.targets)
             if len(_MEMO) >= _MEMO_SIZE:
                 _MEMO.pop(next(iter(_MEMO)))
             _MEMO[key] = (TensorDataset(images[~val], labels[~val]), TensorDataset(images[val], labels[val]))
         return _MEMO[key]
+
+    def _note_colour(self, examples: list, channels: int) -> None:
+        """A colour site whose model takes grey (channels 0 resolved to the model's 1) says so, once per
+        decode: the run may have meant a colour model (`channels = 3`)."""
+        if channels == 1 and not self.run.channels and examples and is_colour(examples[0]):
+            log.warning("this site's images are colour but model %s takes grey: they are decoded by their luma "
+                        "(set channels = 3 for a colour model, channels = 1 to silence this)", self.run.model)
 
     def _check_classes(self, root: Path, decoded: cache.Decoded) -> None:
         per_example = decoded.targets.reshape(len(decoded.targets), -1).max(axis=1)
@@ -100,13 +111,20 @@ class Site:
             "fix the data or set num-classes"
         )
 
+    @property
+    def channels(self) -> int:
+        """The input channels of the run's model, which this site's images are decoded to."""
+        return input_channels(self.run.task, self.run.model, self.run.channels)
+
     def model(self, arrays: ArrayRecord, run_id: str | None = None) -> torch.nn.Module:
-        """The global model; with local-norm (FedBN), this site's own normalization layers in it."""
-        model = build_model(self.run.task, self.run.model, 1, self.run.num_classes, self.run.image_size)
+        """The global model, its frozen blocks (run setting `trainable`) without gradients; with
+        local-norm (FedBN), this site's own normalization layers in it."""
+        model = build_model(self.run.task, self.run.model, self.channels, self.run.num_classes, self.run.image_size)
         load_record(model, arrays)
         norms = local_state.load(self.state, "norms", run_id) if self.run.local_norm and run_id else None
         if norms:
             model.load_state_dict(norms, strict=False)
+        freeze(model, self.run.trainable)
         return model.to(self.device)
 
     def _keep_norms(self, model: torch.nn.Module, run_id: str) -> None:
@@ -115,11 +133,16 @@ class Site:
             norms = {k: state[k] for k in local_state.norm_keys(model)}
             local_state.save(self.state, "norms", run_id, norms)
 
-    def _optimizer(self, model: torch.nn.Module, correction: Mapping[str, torch.Tensor] | None) -> DriftCorrectedSGD:
-        named = list(model.named_parameters())
-        return DriftCorrectedSGD(
-            [p for _, p in named], lr=self.run.learning_rate, momentum=self.run.momentum,
-            anchor=drift.snapshot(model) if self.run.proximal_mu else None, mu=self.run.proximal_mu,
+    def _optimizer(self, model: torch.nn.Module, correction: Mapping[str, torch.Tensor] | None = None,
+                   proximal: bool = True) -> torch.optim.Optimizer:
+        """The run's optimizer over the trainable parameters only: a frozen one is never stepped (no weight
+        decay, no momentum, no drift term moves it), and Opacus noises only what the optimizer holds.
+        `proximal`: FedProx's pull (training for the federation; not a site's own fine-tuning)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        mu = self.run.proximal_mu if proximal else 0.0
+        return drift.make_optimizer(
+            self.run.optimizer, [p for _, p in named], lr=self.run.learning_rate, momentum=self.run.momentum,
+            anchor=drift.snapshot(model) if mu else None, mu=mu,
             correction=[correction[n].to(p.device) for n, p in named] if correction is not None else None,
         )
 
@@ -167,13 +190,14 @@ class Site:
 
     def admit(self) -> None:
         """Refuse, before any data is read or memory taken, a run the site does not accept: at a site whose
-        ledger fails verification, an error; without DP at a site with a budget, a budget refusal (ε would
-        be inf); else whatever the site's policy refuses."""
+        ledger fails verification, an error; then whatever the site's policy refuses (a real site trains
+        without DP only if its hospital set allow-no-dp: such rounds carry no ε and are outside its budget);
+        a virtual site with a budget refuses training without DP (ε would be inf)."""
         book = self._ledger()
         book.entries()  # a ledger edited, truncated or deleted stops the site here (PrivacyLedgerError)
-        if not self.run.dp_enabled and self.budget:
-            self._check_budget(book, None)
         self.policy.check_training(self.run)
+        if not self.run.dp_enabled and self.budget and self.index is not None:
+            self._check_budget(book, None)
 
     def _note_new_ledger(self, run_id: str, server_round: int) -> None:
         """The hospital chose `new-ledger` where its key shows a ledger was deleted: say so in its audit log."""
@@ -185,21 +209,20 @@ class Site:
 
     def _setup(self, arrays: ArrayRecord, server_round: int, run_id: str,
                correction: Mapping[str, torch.Tensor] | None,
-               train_set: TensorDataset) -> tuple[torch.nn.Module, DataLoader, DriftCorrectedSGD]:
+               train_set: TensorDataset) -> tuple[torch.nn.Module, DataLoader, torch.optim.Optimizer]:
         generator = self._generator(server_round)
         model = self.model(arrays, run_id)
         loader = DataLoader(train_set, batch_size=self.run.batch_size, shuffle=True, generator=generator)
         return model, loader, self._optimizer(model, correction)
 
     def _train_plain(self, run_id: str, model: torch.nn.Module, loader: DataLoader,
-                     optimizer: DriftCorrectedSGD) -> tuple[ArrayRecord, dict[str, Any]]:
-        self._check_budget(self._ledger(), None)
+                     optimizer: torch.optim.Optimizer) -> tuple[ArrayRecord, dict[str, Any]]:
         metrics = {**self._counts(loader), "train-loss": self._fit(model, loader, optimizer),
                    "local-steps": optimizer.steps}
         return self._finish(model, run_id), metrics
 
     def _train_dp(self, arrays: ArrayRecord, server_round: int, run_id: str, replayable: bool, model: torch.nn.Module,
-                  loader: DataLoader, optimizer: DriftCorrectedSGD) -> tuple[ArrayRecord, dict[str, Any]]:
+                  loader: DataLoader, optimizer: torch.optim.Optimizer) -> tuple[ArrayRecord, dict[str, Any]]:
         """DP-SGD within the run's target and the site's budget; a round asked again gets the same reply
         (`replayable`: no SCAFFOLD correction, whose state the stored reply would not match)."""
         request = replay.key(run_id, server_round, arrays, self.run) if replayable else None
@@ -213,6 +236,7 @@ class Site:
         dp = privacy.plan(
             self.run.dp_target_epsilon, self.run.dp_target_delta, counts["num-examples"], self.run.batch_size,
             self.run.local_epochs, self.run.num_server_rounds, self.run.dp_max_grad_norm, state=self.state,
+            accountant=self.policy.accountant,  # the noise for the target by the ledger's own accountant
         )
         self.policy.check_noise(dp.noise_multiplier)
         with self._ledger(self._data_identity()).locked() as book:
@@ -232,7 +256,8 @@ class Site:
 
     def _ledger(self, data: str = "") -> ledger.PrivacyLedger:
         """The site's ledger, signed with its key; `data`: the identity new entries record."""
-        return ledger.PrivacyLedger(self.state, self.ledger_key, data, new=self.policy.new_ledger)
+        return ledger.PrivacyLedger(self.state, self.ledger_key, data, new=self.policy.new_ledger,
+                                    accountant=self.policy.accountant)
 
     @property
     def ledger_key(self) -> ledger.LedgerKey:
@@ -254,12 +279,12 @@ class Site:
 
     def _spent(self, book: ledger.PrivacyLedger, run_id: str, delta: float, n: int) -> dict[str, float]:
         """The run's ε at its δ; the site's total at the site's δ (`SitePolicy.total_delta`)."""
-        return {"epsilon": privacy.epsilon(book.history(run_id), delta),
+        return {"epsilon": book.epsilon(book.history(run_id), delta),
                 "epsilon-total": book.total_epsilon(self.policy.total_delta(n, book.delta()))}
 
     def _fit(self, model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> float:
         return training.train(model, loader, optimizer, self.run.local_epochs, self.device,
-                              training.LOSSES[self.run.task])
+                              training.loss_for(self.run.task, self.run.loss_weights))
 
     def _finish(self, model: torch.nn.Module, run_id: str) -> ArrayRecord:
         """What both paths end with: FedBN's layers kept on the site, the rest sent."""
@@ -268,8 +293,11 @@ class Site:
 
     @property
     def budget(self) -> float:
-        """The site's own budget; a virtual site (simulation) takes the run's `site-privacy-budget`."""
-        return self.config.privacy_budget or (self.run.site_privacy_budget if self.index is not None else 0.0)
+        """The site's own budget; none named: a virtual site (simulation) takes the run's
+        `site-privacy-budget`, a real one the conservative default (a hand-written node config too)."""
+        if self.config.privacy_budget:
+            return self.config.privacy_budget
+        return self.run.site_privacy_budget if self.index is not None else DEFAULT_PRIVACY_BUDGET
 
     def _check_run_target(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan, run_id: str) -> None:
         """Refuse a round that would take this run past its target ε at this site.
@@ -282,12 +310,12 @@ class Site:
         steps = sum(n for _, _, n in spent) + dp.steps_per_round
         if steps <= dp.planned_steps and all((s, q) == (dp.noise_multiplier, dp.sample_rate) for s, q, _ in spent):
             return
-        would_be = privacy.epsilon(spent + dp.round_history(), dp.delta)
+        would_be = book.epsilon(spent + dp.round_history(), dp.delta)
         target = self.run.dp_target_epsilon
         if would_be > target + privacy.SEARCH_TOLERANCE:
             raise PrivacyBudgetExceeded(
                 f"run {run_id}: this round would spend ε={would_be:.3f}, over the run's target {target:g} "
-                "(a round trained again after a resume?)", spent=privacy.epsilon(spent, dp.delta), budget=target,
+                "(a round trained again after a resume?)", spent=book.epsilon(spent, dp.delta), budget=target,
                 would_be=would_be,
             )
 
@@ -301,7 +329,7 @@ class Site:
                 budget=self.budget, would_be=float("inf"),
             )
         delta = self.policy.total_delta(n, book.delta(dp.delta))
-        would_be = privacy.epsilon(book.history() + dp.round_history(), delta)
+        would_be = book.epsilon(book.history() + dp.round_history(), delta)
         if would_be > self.budget:
             raise PrivacyBudgetExceeded(
                 f"next round would spend ε={would_be:.3f} in total, over the site's budget {self.budget:g}",
@@ -315,7 +343,7 @@ class Site:
         site's normalization layers in it, then fine-tuned on the site's training split. The
         personalized model never leaves the site; only its metrics do.
         """
-        self.policy.check_resources(self.run)
+        self.policy.check_evaluation_settings(self.run)
         self._count_evaluation(run_id)
         self._set_threads()
         _, val_set = self.data()
@@ -325,7 +353,8 @@ class Site:
         reply: dict[str, Any] = {"num-examples": result.num_examples, "site-weight": 1, **self._scores(result)}
         if self.run.local_norm or self.run.fine_tune_epochs:
             personal = training.evaluate(self._personalized(arrays, run_id), loader, self.device, self.run.task)
-            reply.update({f"personal-{k}": v for k, v in self._scores(personal).items() if k != "auc-weight"})
+            reply.update({f"personal-{k}": v for k, v in self._scores(personal, grid=False).items()
+                          if k != "auc-weight"})
         return self.policy.rounded(reply)
 
     def _count_evaluation(self, run_id: str | None) -> None:
@@ -355,16 +384,8 @@ class Site:
             raise SiteStateError(f"{self.state.path_for(name)} cannot be read ({exc}): this run's evaluations "
                                  "cannot be counted; delete the file to restart its count") from None
 
-    def _scores(self, result: training.Evaluation) -> dict[str, Any]:
-        if result.num_examples == 0:  # an empty held-out split (a tiny site): the same keys, zero weight
-            keys = ("accuracy", "auc") if self.run.task == "classification" else ("dice", "iou")
-            result = training.Evaluation(0, 0.0, dict.fromkeys(keys, 0.0))
-        scores: dict[str, Any] = {"loss": result.loss, **result.metrics}
-        if self.run.task == "classification":
-            # AUC is undefined on a single-class split: send 0 with zero weight
-            scores["auc-weight"] = result.num_examples if scores["auc"] is not None else 0
-            scores["auc"] = scores["auc"] if scores["auc"] is not None else 0.0
-        return scores
+    def _scores(self, result: training.Evaluation, grid: bool = True) -> dict[str, Any]:
+        return scores.reply(result, self.run.task, self.run.num_classes, grid)  # the same keys from every site
 
     def _personalized(self, arrays: ArrayRecord, run_id: str | None) -> torch.nn.Module:
         model = self.model(arrays, run_id)
@@ -372,9 +393,8 @@ class Site:
             train_set, _ = self.data()
             loader = DataLoader(train_set, batch_size=self.run.batch_size, shuffle=True,
                                 generator=torch.Generator().manual_seed(self.run.seed))
-            optimizer = torch.optim.SGD(model.parameters(), lr=self.run.learning_rate, momentum=self.run.momentum)
-            training.train(model, loader, optimizer, self.run.fine_tune_epochs, self.device,
-                           training.LOSSES[self.run.task])
+            training.train(model, loader, self._optimizer(model, proximal=False), self.run.fine_tune_epochs,
+                           self.device, training.loss_for(self.run.task, self.run.loss_weights))
         return model
 
     def _set_threads(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import shlex
 import tomllib
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common import class_weights
 from common.errors import ConfigError
 from common.transport import UPDATE_DTYPES
 
@@ -26,6 +28,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedia
               "bulyan", "scaffold")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_DP = ("off", "fixed", "adaptive")
+SECURE_AGGREGATION = ("off", "secaggplus")  # common/secagg.py, docs/secure-aggregation.md
+OPTIMIZERS = ("sgd", "adam", "adamw")
+CHANNELS = (0, 1, 3)
+TRAINABLE = re.compile(r"^(all|head|last-[1-9][0-9]*)$")  # common/models/trainable.py defines the blocks
 
 
 # What a task brings to a run that leaves these settings unset ("" or 0 in pyproject.toml, which has no
@@ -63,6 +69,15 @@ class RunConfig:
     num_server_rounds: int = _spec(8, lambda v: v >= 1, "an integer >= 1")
     task: str = _spec("classification", lambda v: v in TASKS, " | ".join(TASKS))
     model: str = _spec("")  # "": the task's (TASK_DEFAULTS); checked against the model registry by the caller
+    # The round-1 global model's weights, read by the server only (common/models/pretrained.py): "" none;
+    # a path to a .pt/.pth state_dict; or a torchvision weights name (ResNet18_Weights.IMAGENET1K_V1).
+    pretrained: str = _spec("")
+    # What trains, the rest frozen and so neither noised nor changed: all | head | last-N blocks.
+    trainable: str = _spec("all", lambda v: bool(TRAINABLE.match(v)), "all | head | last-N (N >= 1)")
+    optimizer: str = _spec("sgd", lambda v: v in OPTIMIZERS, " | ".join(OPTIMIZERS))
+    # Input channels: 0 the model's own (3 for the pretrained backbones, 1 for cnn/unet); 1 grey (colour
+    # images by their luma); 3 colour (grey images repeated). Images are decoded to these channels.
+    channels: int = _spec(0, lambda v: v in CHANNELS, "0 (the model's) | 1 | 3")
     image_size: int = _spec(32, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]")
     num_classes: int = _spec(2, lambda v: v >= 2, "an integer >= 2")
     strategy: str = _spec("fedavg", lambda v: v in STRATEGIES, " | ".join(STRATEGIES))
@@ -99,6 +114,10 @@ class RunConfig:
     run_name: str = _spec("")
     local_epochs: int = _spec(0, lambda v: v >= 0, "an integer >= 1 (0: the task's)")
     batch_size: int = _spec(64, lambda v: v >= 1, "an integer >= 1")
+    # The training loss's class weights (common/class_weights.py): none | prior (balanced, from class-prior,
+    # the known prevalence of class 1; two classes) | "w0,w1,..." one per class. Never from a site's counts.
+    class_weights: str = _spec("none")
+    class_prior: float = _spec(0.0, lambda v: 0 <= v < 1, "a number in (0, 1), the prevalence of class 1 (0: unset)")
     learning_rate: float = _spec(0.0, lambda v: v >= 0, "a number > 0 (0: the task's)")
     momentum: float = _spec(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
     dp_enabled: bool = _spec(True)
@@ -112,6 +131,11 @@ class RunConfig:
     client_dp: str = _spec("off", lambda v: v in CLIENT_DP, " | ".join(CLIENT_DP))
     client_dp_noise_multiplier: float = _spec(1.0, _positive, "a number > 0")
     client_dp_clipping_norm: float = _spec(1.0, _positive, "a number > 0 (the initial norm when adaptive)")
+    # Secure aggregation (SecAgg+, docs/secure-aggregation.md): the server sees only the sum of the updates.
+    secure_aggregation: str = _spec("off", lambda v: v in SECURE_AGGREGATION, " | ".join(SECURE_AGGREGATION))
+    secagg_threshold: int = _spec(2, lambda v: v >= 2, "an integer >= 2 (shares needed to reconstruct a secret)")
+    secagg_clipping_range: float = _spec(8.0, _positive, "a number > 0 (each update coordinate clipped to ±it)")
+    secagg_quantization_range: int = _spec(4194304, lambda v: 2 <= v < 2**31, "an integer in [2, 2**31)")
     val_fraction: float = _spec(0.2, _open_unit, "a number in (0, 1)")
     seed: int = _spec(0)
     data_root: str = _spec("runs/demo/hospitals")
@@ -126,6 +150,16 @@ class RunConfig:
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
             if not getattr(self, name):
                 object.__setattr__(self, name, value)
+        self.loss_weights  # noqa: B018  (a bad class-weights setting stops here, at the edge)
+        if self.strategy == "scaffold" and self.optimizer != "sgd":
+            raise ConfigError(f"strategy 'scaffold' with optimizer '{self.optimizer}': SCAFFOLD's control "
+                              "variates count plain SGD steps (c_i + (x - y) / (K * lr)): use optimizer = sgd")
+
+    @property
+    def loss_weights(self) -> tuple[float, ...] | None:
+        """The training loss's class weights (common/class_weights.py); None: plain cross-entropy."""
+        return class_weights.parse(self.class_weights, self.class_prior, self.num_classes) \
+            if self.task == "classification" else None
 
     @property
     def round_timeout_s(self) -> float:
@@ -155,8 +189,9 @@ class SiteConfig:
     data_path: str = _spec("")
     state_dir: str = _spec("")
     device: str = _spec("auto", lambda v: v in DEVICES, " | ".join(DEVICES))
-    # Total ε this hospital allows over every run on its data (0: none); kept in its ledger.
-    privacy_budget: float = _spec(0.0, lambda v: v >= 0, "a number >= 0 (0: no budget)")
+    # Total ε this hospital allows over every run on its data; kept in its ledger. 0: not named, so a real
+    # site uses site_policy.DEFAULT_PRIVACY_BUDGET and a virtual one the run's site-privacy-budget.
+    privacy_budget: float = _spec(0.0, lambda v: v >= 0, "a number >= 0 (0: the default)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SiteConfig:

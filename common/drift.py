@@ -16,20 +16,13 @@ import torch
 from torch import nn
 
 
-class DriftCorrectedSGD(torch.optim.SGD):
-    """SGD whose gradient gets `mu * (w - w_global)` (FedProx) and `c - c_i` (SCAFFOLD) before the step."""
+class _DriftCorrected:
+    """Adds `mu * (w - w_global)` (FedProx) and `c - c_i` (SCAFFOLD) to each gradient, then the base step.
 
-    def __init__(
-        self,
-        params: Iterable[nn.Parameter],
-        lr: float,
-        momentum: float = 0.0,
-        *,
-        anchor: list[torch.Tensor] | None = None,
-        mu: float = 0.0,
-        correction: list[torch.Tensor] | None = None,
-    ) -> None:
-        super().__init__(list(params), lr=lr, momentum=momentum)
+    A mixin over any torch optimizer: the terms are gradients, so FedProx's pull works with Adam too
+    (SCAFFOLD's update counts SGD steps, so the config allows it with SGD only)."""
+
+    def _set_drift(self, anchor: list[torch.Tensor] | None, mu: float, correction: list[torch.Tensor] | None) -> None:
         self.anchor, self.mu, self.correction = anchor, mu, correction
         self.steps = 0
 
@@ -47,9 +40,55 @@ class DriftCorrectedSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+class DriftCorrectedSGD(_DriftCorrected, torch.optim.SGD):
+    """SGD whose gradient gets `mu * (w - w_global)` (FedProx) and `c - c_i` (SCAFFOLD) before the step."""
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: float,
+        momentum: float = 0.0,
+        *,
+        anchor: list[torch.Tensor] | None = None,
+        mu: float = 0.0,
+        correction: list[torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(list(params), lr=lr, momentum=momentum)
+        self._set_drift(anchor, mu, correction)
+
+
+class DriftCorrectedAdam(_DriftCorrected, torch.optim.Adam):
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, *, anchor: list[torch.Tensor] | None = None,
+                 mu: float = 0.0, correction: list[torch.Tensor] | None = None) -> None:
+        super().__init__(list(params), lr=lr)
+        self._set_drift(anchor, mu, correction)
+
+
+class DriftCorrectedAdamW(_DriftCorrected, torch.optim.AdamW):
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, *, anchor: list[torch.Tensor] | None = None,
+                 mu: float = 0.0, correction: list[torch.Tensor] | None = None) -> None:
+        super().__init__(list(params), lr=lr)  # torch's weight decay 0.01, decoupled
+        self._set_drift(anchor, mu, correction)
+
+
+def make_optimizer(kind: str, params: list[nn.Parameter], lr: float, momentum: float = 0.0, *,
+                   anchor: list[torch.Tensor] | None = None, mu: float = 0.0,
+                   correction: list[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+    """The run's `optimizer` (sgd | adam | adamw) over `params`, drift-corrected; `momentum` is SGD's.
+    Opacus's DPOptimizer wraps whichever it is: it clips and noises `p.grad`, then calls this `step`."""
+    drift = {"anchor": anchor, "mu": mu, "correction": correction}
+    if kind == "sgd":
+        return DriftCorrectedSGD(params, lr=lr, momentum=momentum, **drift)
+    if kind == "adam":
+        return DriftCorrectedAdam(params, lr=lr, **drift)
+    if kind == "adamw":
+        return DriftCorrectedAdamW(params, lr=lr, **drift)
+    raise ValueError(f"optimizer {kind!r}: sgd | adam | adamw")
+
+
 def snapshot(model: nn.Module) -> list[torch.Tensor]:
-    """The model's parameters now, detached: the proximal anchor w_global."""
-    return [p.detach().clone() for p in model.parameters()]
+    """The model's trainable parameters now, detached: the proximal anchor w_global (the optimizer's order)."""
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
 def scaffold_update(

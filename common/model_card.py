@@ -20,7 +20,7 @@ from torch import nn
 
 from common.config import TASKS, RunConfig
 from common.errors import ConfigError, ModelFileError
-from common.models import build_model
+from common.models import build_model, input_channels, pretrained
 
 FILE_FORMAT = 1  # layout of checkpoint and model files: format, round, config, metrics, state_dict (+ card)
 CARD_FORMAT = 1  # layout of the card below; bump when a field changes meaning
@@ -48,7 +48,13 @@ class ModelCard:
     epsilon: float | None = None  # ε spent, max over sites; None: trained without DP
     delta: float | None = None
     strategy: str = "fedavg"
-    in_channels: int = 1
+    # two classes: class 1 where its probability is >= this, chosen on the sites' pooled validation
+    # (common/decision.py); None: argmax (more classes, or no pooled split with both classes)
+    threshold: float | None = None
+    in_channels: int = 1  # the images are decoded to these (1 grey, 3 colour: fedhosp predict does the same)
+    pretrained: str = ""  # the round-1 weights (run setting `pretrained`): a path or a torchvision name
+    pretrained_sha256: str = ""  # of that file, as the server read it
+    trainable: str = "all"  # what the sites trained; the rest kept the pretrained weights
     decoder: str = DECODER
     windowing: str = WINDOWING
     preprocessing: str = PREPROCESSING
@@ -62,6 +68,11 @@ class ModelCard:
             rounds=rounds, sites=sites, metrics={k: float(v) for k, v in metrics.items()},
             epsilon=None if epsilon is None else float(epsilon),
             delta=cfg.dp_target_delta if cfg.dp_enabled else None, strategy=cfg.strategy,
+            threshold=float(metrics["threshold"]) if cfg.num_classes == 2 and "threshold" in metrics else None,
+            in_channels=input_channels(cfg.task, cfg.model, cfg.channels),
+            **dict(zip(("pretrained", "pretrained_sha256"),
+                       pretrained.identity(cfg.pretrained, cfg.task, cfg.model), strict=True)),
+            trainable=cfg.trainable,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +102,9 @@ class ModelCard:
         numbers = (self.num_classes, self.image_size, self.rounds, self.sites, self.in_channels)
         if not all(isinstance(v, int) and v >= 0 for v in numbers):
             raise ModelFileError(f"{source}: model card sizes/counts are not non-negative integers: damaged file")
+        if self.threshold is not None and not (isinstance(self.threshold, float) and 0 < self.threshold < 1):
+            raise ModelFileError(f"{source}: model card threshold {self.threshold!r} is not a number in (0, 1): "
+                                 "damaged file")
 
     def lines(self) -> list[str]:
         """The card as a person reads it (`fedhosp predict` prints this)."""
@@ -103,13 +117,25 @@ class ModelCard:
         return [
             f"task           {self.task}, {self.num_classes} classes",
             f"architecture   {self.architecture}, {self.in_channels} input channel(s)",
+            *([f"pretrained     {self.pretrained} (sha256 {self.pretrained_sha256 or 'not recorded'}), "
+               f"trainable {self.trainable}"] if self.pretrained else []),
             f"input          {self.image_size}x{self.image_size}, decoder {self.decoder}",
             f"windowing      {self.windowing}",
             f"preprocessing  {self.preprocessing}",
             f"training       {self.rounds} rounds of {self.strategy}, {self.sites} sites in the final round",
             f"final metrics  {shown or 'none reported'} (held out at the sites, {held_out} images)",
             f"privacy        {privacy}",
+            f"decision       {self._decision()}",
         ]
+
+
+    def _decision(self) -> str:
+        if self.task != "classification":
+            return "each pixel's most probable class"
+        if self.threshold is None:
+            return "the most probable class"
+        return (f"class 1 where its probability is >= {self.threshold:g} (the best balanced accuracy on the "
+                "sites' pooled validation splits)")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = ledger_sub.add_parser("show", help="print every DP round this site trained, with ε over all runs")
     show.add_argument("--site", type=Path, required=True, help="the site's state folder (where its ledger lives)")
     show.add_argument("--budget", type=float, default=None, help="the site's total ε budget, to show what is left")
+    show.add_argument("--ledger-key", type=Path, default=None,
+                      help="the ledger's key, to check the site's signatures (default: SITE.ledger-key beside the "
+                           "state folder, as `fedhosp client` keeps it)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_ledger_show)
 
@@ -97,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="heatmap PNGs (classification) or predicted-vs-true mask overlays (segmentation)")
     pred.add_argument("--device", choices=DEVICES, default="auto")
     pred.set_defaults(handler=cmd_predict)
+
+    pre = sub.add_parser("pretrain", help="train a backbone without DP on a public pool, for pretrained = PATH")
+    pre.add_argument("--data", type=Path, required=True,
+                     help="the public pool: a MedMNIST-style .npz (train+val; its test split scores) or a "
+                          "labelled folder; never a hospital's data")
+    pre.add_argument("--model", required=True, help="any classification model of the registry (cnn, ...)")
+    pre.add_argument("--out", type=Path, required=True, help="the weights file (*.pt); the sidecar *.json beside it")
+    pre.add_argument("--epochs", type=int, default=5)
+    pre.add_argument("--image-size", type=int, default=32, help="the runs' image-size it is for (default 32)")
+    pre.add_argument("--batch-size", type=int, default=128)
+    pre.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", choices=DEVICES, default="auto")
+    pre.set_defaults(handler=cmd_pretrain)
 
     add_deploy_commands(sub)  # certs, server, client, audit: fedhosp/deploy_cli.py
     return parser
@@ -259,11 +276,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
-    from common.ledger import PrivacyLedger, statement
+    from common.ledger import LedgerKey, PrivacyLedger, statement
 
     if not args.site.is_dir():
         raise ConfigError(f"--site {args.site}: no such folder; pass the site's state folder")
-    report = statement(PrivacyLedger(args.site))
+    site = args.site.resolve()
+    key_path = args.ledger_key or site.parent / f"{site.name}.ledger-key"
+    if args.ledger_key is not None and not key_path.is_file():
+        raise ConfigError(f"--ledger-key {key_path}: no such file")
+    key = LedgerKey(key_path) if key_path.is_file() else None
+    report = statement(PrivacyLedger(site, key))
+    report["verified"] = (f"hash chain and the site's signatures verified with {key_path}" if key else
+                          f"hash chain verified; signatures not checked (no ledger key at {key_path})")
     if args.budget is not None:
         report["privacy-budget"] = args.budget
         report["remaining"] = max(0.0, args.budget - report["epsilon-total"])
@@ -275,7 +299,7 @@ def format_ledger(report: dict[str, Any]) -> str:
     head = f"{'run':<24} {'round':>5} {'sigma':>7} {'q':>8} {'steps':>6} {'delta':>8} {'eps run':>8} " \
            f"{'eps total':>9}  time"
     lines = [f"privacy ledger {report['ledger']}: {len(report['rounds'])} DP rounds in {len(report['runs'])} run(s), "
-             "hash chain verified", head]
+             f"{report['verified']}", head]
     for r in report["rounds"]:
         lines.append(f"{r['run'][:24]:<24} {r['round']:>5} {r['noise_multiplier']:>7.3f} {r['sample_rate']:>8.4f} "
                      f"{r['steps']:>6} {r['delta']:>8.0e} {r['epsilon-run']:>8.3f} {r['epsilon-total']:>9.3f}  "
@@ -297,6 +321,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"  {line}")
     for line in summary(result):
         print(line)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from simulation.pretrain import PretrainOptions, pretrain, sidecar
+
+    card = pretrain(PretrainOptions(data=args.data, model=args.model, out=args.out, epochs=args.epochs,
+                                    image_size=args.image_size, batch_size=args.batch_size,
+                                    learning_rate=args.lr, seed=args.seed, device=args.device))
+    test = card["test"]
+    scored = f"; its test split: accuracy {test['accuracy']:.3f}, AUC {test['auc']:.3f}" if test else ""
+    print(f"{card['model']} on {card['pool-source']}: {card['epochs']} epochs in {card['seconds']:.0f}s{scored}")
+    print(f"weights: {args.out} (sha256 {card['sha256'][:16]}...)  sidecar: {sidecar(args.out)}")
     return 0
 
 

@@ -36,7 +36,7 @@ DIGESTS = "digests.json"
 
 @dataclass(frozen=True)
 class Decoded:
-    images: np.ndarray  # (N, H, W) float16 in [0, 1]
+    images: np.ndarray  # (N, H, W) float16 in [0, 1]; (N, 3, H, W) decoded for a colour model (`channels` 3)
     targets: np.ndarray  # (N,) class indices, or (N, H, W) class maps for segmentation
     names: tuple[str, ...]  # file names relative to the data folder (`#k` for frame k): stay on site
     skipped: tuple[tuple[str, str], ...]  # (file, reason) for files that could not be used
@@ -75,7 +75,7 @@ def load_or_decode(
     name = f"decoded-{cache_key(examples, root, params, state)}.npz"
     decoded = _read(state, name)
     if decoded is None:
-        decoded = _decode_all(examples, root, decode)
+        decoded = _decode_all(examples, root, decode, 3 if params.get("channels") == 3 else 2)
         _write(state, name, decoded)
         if keep is not None:
             evict(state, keep)
@@ -103,7 +103,8 @@ def _base(e: Example, root: Path) -> str:
     return f"{name}:{e.member}" if e.member else name
 
 
-def _decode_all(examples, root, decode) -> Decoded:
+def _decode_all(examples, root, decode, image_ndim: int = 2) -> Decoded:
+    """`image_ndim`: an image's dimensions (2 grey, 3 colour: (3, H, W)); one more is a stack of frames."""
     images, targets, names, groups, splits, skipped = [], [], [], [], [], []
     for e in examples:
         base = _base(e, root)
@@ -114,7 +115,7 @@ def _decode_all(examples, root, decode) -> Decoded:
         except FedhospError as exc:
             skipped.append((str(e.path.relative_to(root)), str(exc)))
             continue
-        stack = image if image.ndim == 3 else image[None]
+        stack = image if image.ndim == image_ndim + 1 else image[None]
         per_frame = isinstance(target, np.ndarray) and target.ndim == 3
         for k, frame_image in enumerate(stack):
             frame = e.frame if e.frame is not None else (k if len(stack) > 1 else None)

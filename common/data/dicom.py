@@ -3,7 +3,8 @@
 Order matters: the modality LUT (RescaleSlope/Intercept or a Modality LUT) gives
 physical units, the VOI window maps them to display, and MONOCHROME1 is inverted
 last so that dense tissue is bright in every site's tensors whatever its scanner
-wrote. Colour (RGB, YBR, palette) becomes grey by its luma. Enhanced multi-frame
+wrote. Colour (RGB, YBR, palette) becomes grey by its luma, or, for a colour model
+(`channels = 3`), stays RGB (`rgb`), grey frames then repeated to three channels. Enhanced multi-frame
 files keep their rescale and window per frame, in functional groups. Rows stay rows:
 the first row of the array is the first row the scanner stored (the top of the image).
 """
@@ -51,17 +52,20 @@ def read(path: Path, header_only: bool = False) -> pydicom.Dataset:
     return ds
 
 
-def frames(path: Path, window: str = "auto", index: int | None = None) -> np.ndarray:
-    """Every frame (or frame `index`) as float32 (F, rows, columns) in [0, 1]; DataError names the file."""
-    return frames_of(read(path), Path(path).name, window, index)
+def frames(path: Path, window: str = "auto", index: int | None = None, channels: int = 1) -> np.ndarray:
+    """Every frame (or frame `index`) as float32 (F, rows, columns) in [0, 1], or (F, 3, rows, columns)
+    with `channels` 3; DataError names the file."""
+    return frames_of(read(path), Path(path).name, window, index, channels)
 
 
-def frames_of(ds: pydicom.Dataset, name: str, window: str = "auto", index: int | None = None) -> np.ndarray:
+def frames_of(ds: pydicom.Dataset, name: str, window: str = "auto", index: int | None = None,
+              channels: int = 1) -> np.ndarray:
     try:
         pixels.check(ds)
         stored, photometric = pixels.decode(ds, index)
         first = 0 if index is None else index
-        return np.stack([grey(frame, frame_view(ds, first + i), photometric, window)
+        one = rgb if channels == 3 else grey
+        return np.stack([one(frame, frame_view(ds, first + i), photometric, window)
                          for i, frame in enumerate(stored)])
     except DataError as exc:
         raise DataError(f"{name}: {exc}") from exc
@@ -83,6 +87,18 @@ def grey(stored: np.ndarray, ds: pydicom.Dataset, photometric: str, window: str 
     if photometric.startswith("YBR"):  # a decoder that left YCbCr: Y is the luma already
         return (stored[..., 0] / float(2 ** int(ds.BitsStored) - 1)).astype(np.float32)
     return luma(stored, float(2 ** int(ds.get("BitsStored") or stored.dtype.itemsize * 8) - 1))
+
+
+def rgb(stored: np.ndarray, ds: pydicom.Dataset, photometric: str, window: str = "auto") -> np.ndarray:
+    """One decoded frame -> float32 (3, rows, columns) in [0, 1]: colour as RGB, grey repeated."""
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        return np.repeat(grey(stored, ds, photometric, window)[None], 3, axis=0)
+    if photometric == "PALETTE COLOR":
+        values, top = apply_color_lut(stored, ds), _palette_top(ds)
+    else:
+        top = float(2 ** int(ds.get("BitsStored") or stored.dtype.itemsize * 8) - 1)
+        values = convert_color_space(stored, photometric, "RGB") if photometric.startswith("YBR") else stored
+    return np.clip(np.moveaxis(values.astype(np.float32), -1, 0) / top, 0.0, 1.0)
 
 
 def luma(rgb: np.ndarray, top: float) -> np.ndarray:

@@ -70,13 +70,13 @@ def _shape(z, key: str) -> tuple[int, ...]:
         return tuple(header(f)[0])
 
 
-def image(example: Example) -> np.ndarray:
-    """Row `example.frame` of `example.member` as float32 grey in [0, 1]."""
+def image(example: Example, channels: int = 1) -> np.ndarray:
+    """Row `example.frame` of `example.member` as float32 grey (H, W) in [0, 1], or (3, H, W) with `channels` 3."""
     st = example.path.stat()
     array = _array(str(example.path), example.member, st.st_size, st.st_mtime_ns)
     if example.frame is None or not 0 <= example.frame < len(array):
         raise DataError(f"{example.path.name}: {example.member} has no row {example.frame}")
-    return to_grey(array[example.frame])
+    return to_rgb(array[example.frame]) if channels == 3 else to_grey(array[example.frame])
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,6 +87,15 @@ def _array(path: str, member: str, size: int, mtime_ns: int) -> np.ndarray:
             return z[member]
     except Exception as exc:
         raise DataError(f"{Path(path).name}: cannot read {member} ({type(exc).__name__}: {exc})") from exc
+
+
+def to_rgb(row: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [0, 1]: a colour row's RGB (alpha dropped), a grey row repeated."""
+    if row.ndim == 3 and row.shape[-1] in (3, 4):
+        row = np.ascontiguousarray(row[..., :3])
+        top = 255.0 if row.dtype == np.uint8 else float(max(row.max(), 1))
+        return np.clip(np.moveaxis(row.astype(np.float32), -1, 0) / top, 0.0, 1.0)
+    return np.repeat(to_grey(row)[None], 3, axis=0)
 
 
 def to_grey(row: np.ndarray) -> np.ndarray:

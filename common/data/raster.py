@@ -1,4 +1,5 @@
-"""PNG / JPEG / TIFF images as grey in [0, 1]: 16-bit greys keep their depth (exported radiographs)."""
+"""PNG / JPEG / TIFF images in [0, 1]: grey (16-bit greys keep their depth: exported radiographs), or
+colour for a colour model (`read_rgb`: RGB kept, grey repeated, transparency dropped)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,22 @@ def read(path: Path) -> np.ndarray:
             return np.asarray(img.convert("L"), dtype=np.float32) / 255.0  # ITU-R 601 luma, as for DICOM
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(f"{Path(path).name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+GREY_MODES = (*SIXTEEN_BIT, "I", "F", "L", "LA", "1")
+
+
+def is_colour(path: Path) -> bool:
+    with Image.open(path) as img:
+        return img.mode not in GREY_MODES
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """float32 (3, H, W) in [0, 1]: a colour image as RGB, a grey one (any depth) repeated."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in GREY_MODES:
+                return np.moveaxis(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, -1, 0).copy()
+    except Exception as exc:
+        raise DataError(f"{Path(path).name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    return np.repeat(read(path)[None], 3, axis=0)

@@ -40,6 +40,8 @@ def test_each_models_mode_gives_the_clipped_gradients_of_hooks(name):
     model = build_model(task, name, 1, 2, 32)
     mode = grad_sample_mode(model)
     assert mode in WITHOUT_LOSS_WRAPPER
+    if mode == "hooks":
+        return  # the reference itself: nothing to compare (and the torchvision backbones are costly on CPU)
     x, y = _batch(task)
     reference = _applied_gradient(copy.deepcopy(model), task, x, y, "hooks")
     ours = _applied_gradient(copy.deepcopy(model), task, x, y, mode)
