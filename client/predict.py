@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common import explain, metrics, training
+from common import decision, explain, metrics, training
 from common.data.decode import decode_example
 from common.data.sources import Example
 from common.errors import ConfigError, DataError, FedhospError, ModelFileError
@@ -32,6 +32,7 @@ from common.model_card import ModelCard, load_model
 log = logging.getLogger(__name__)
 PREDICTIONS, METRICS, SKIPPED = "predictions.csv", "metrics.json", "skipped.csv"
 MASKS_DIR, EXPLAIN_DIR = "masks", "explain"
+AT_DEFAULT = "at-0.5"  # metrics.json: two classes, the metrics at 0.5 beside those at the card's threshold
 BATCH = 64
 COLUMNS = {"classification": ("file", "label"), "segmentation": ("file", "mask")}
 DICOM_MAGIC_OFFSET = 128
@@ -78,7 +79,7 @@ def predict(opts: PredictOptions) -> PredictResult:
         writer = csv.writer(f)
         writer.writerow(task.header())
         for chunk in _chunks(examples, BATCH):
-            batch = decode(chunk, data, card.image_size, skipped)
+            batch = decode(chunk, data, card.image_size, skipped, card.in_channels)
             if batch.names:
                 with torch.no_grad():
                     logits = model(batch.images.to(device)).float().cpu()
@@ -177,14 +178,16 @@ def _relative(data: Path, path: Path) -> str:
     return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(data))).as_posix()
 
 
-def decode(chunk: Sequence[Example], data: Path, size: int, skipped: list[tuple[str, str]]) -> Batch:
-    """Decode like a site: `decode_example`, then float16 as its cache stores images; failures skipped."""
+def decode(chunk: Sequence[Example], data: Path, size: int, skipped: list[tuple[str, str]],
+           channels: int = 1) -> Batch:
+    """Decode like a site: `decode_example` to the card's channels, then float16 as its cache stores images;
+    failures skipped."""
     names, images, targets = [], [], []
     for example in chunk:
         name = _relative(data, example.path)
         try:
-            image, target = decode_example(example, size)
-            if image.ndim != 2:
+            image, target = decode_example(example, size, channels=channels)
+            if image.ndim != (2 if channels == 1 else 3):
                 raise DataError(f"{example.path.name} holds {len(image)} frames: predict takes single-frame images")
         except FedhospError as exc:
             skipped.append((name, str(exc)))
@@ -194,7 +197,8 @@ def decode(chunk: Sequence[Example], data: Path, size: int, skipped: list[tuple[
         images.append(image.astype(np.float16).astype(np.float32))
         labelled = example.mask is not None or example.label >= 0
         targets.append(target if labelled else None)
-    x = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else torch.empty(0)
+    x = torch.from_numpy(np.stack(images)) if images else torch.empty(0)
+    x = x.unsqueeze(1) if x.ndim == 3 else x  # (N, C, H, W)
     return Batch(names, x, targets)
 
 
@@ -248,7 +252,7 @@ class Classify:
 
     def rows(self, batch: Batch, logits: torch.Tensor, model: nn.Module, device: torch.device) -> list[list[Any]]:
         probs = torch.softmax(logits, dim=1).numpy()
-        predicted = probs.argmax(axis=1)
+        predicted = decision.predict(probs, self.card.threshold)  # the card's threshold (two classes)
         self.names += batch.names
         self.probs.append(probs)
         self.labels += [int(t) for t in batch.targets if t is not None]
@@ -268,9 +272,15 @@ class Classify:
             self.explained += 1
 
     def metrics(self) -> dict[str, Any]:
+        """At the card's threshold (the predictions written); two classes, also at 0.5 (`at-0.5`)."""
         labels = np.asarray(self.labels, dtype=np.int64)
         _check_range(self.names, labels, self.card.num_classes, "labels")
-        return metrics.classification_report(labels, np.concatenate(self.probs))
+        probs = np.concatenate(self.probs)
+        report = metrics.classification_report(labels, probs, self.card.threshold)
+        if self.card.num_classes == 2:
+            report["threshold"] = self.card.threshold if self.card.threshold is not None else decision.DEFAULT
+            report[AT_DEFAULT] = metrics.classification_summary(labels, probs, decision.DEFAULT)
+        return report
 
 
 @dataclass
@@ -330,6 +340,9 @@ def summary(result: PredictResult) -> list[str]:
         lines.append(f"{what}: {result.explained} PNGs in {out / EXPLAIN_DIR}/")
     if result.metrics is not None:
         lines += [f"metrics: {out / METRICS}", "  " + _metric_line(result.metrics)]
+        if AT_DEFAULT in result.metrics:
+            lines[-1] = f"  at threshold {result.metrics['threshold']:g}: " + lines[-1].strip()
+            lines.append(f"  at threshold {decision.DEFAULT:g}: " + _metric_line(result.metrics[AT_DEFAULT]))
         if "confusion-matrix" in result.metrics:
             matrix = result.metrics["confusion-matrix"]
             lines.append(f"  confusion matrix (rows: true class, columns: predicted): {matrix}")

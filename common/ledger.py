@@ -5,7 +5,13 @@ so neither can tell a hospital what it has spent over a year of studies on the
 same patients. The ledger can: each entry is one round of one run (noise
 multiplier, sample rate, steps, δ and the accountant history that round added);
 ε over any set of entries is Opacus's RDP accountant over their concatenated
-histories, which is how RDP composes across runs on the same data.
+histories, which is how RDP composes across runs on the same data. A site may
+choose Opacus's PRV accountant instead (site policy `accountant = prv`): it composes
+the same concatenated history (every entry a Poisson-subsampled Gaussian, their
+privacy loss variables convolved) into an upper bound on ε at the same δ, tighter
+than RDP's. Either bound holds for the whole history, whichever the earlier rounds'
+noise was calibrated with, so a site may switch; the site's noise search uses the
+ledger's accountant, so the run's target holds by the bound the ledger states.
 
 Integrity, not secrecy: entries form a hash chain and a small anchor file next to
 the ledger records its length and head. A ledger that is missing, truncated,
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import PrivacyLedgerError
-from common.privacy import History, epsilon
+from common.privacy import ACCOUNTANT, History, epsilon
 from common.site_state import SiteState, outside_secret
 
 LEDGER_FILE = "privacy-ledger.json"
@@ -91,12 +97,16 @@ class PrivacyLedger:
     """
 
     def __init__(self, state: SiteState | Path, key: LedgerKey | None = None, data: str = "",
-                 new: bool = False) -> None:
+                 new: bool = False, accountant: str = ACCOUNTANT) -> None:
         self.state = SiteState.at(state)
         self.path = self.state.path_for(LEDGER_FILE)
         self.anchor = self.state.path_for(ANCHOR_FILE)
-        self.key, self.data, self.new = key, data, new
+        self.key, self.data, self.new, self.accountant = key, data, new, accountant
         self._locked = False
+
+    def epsilon(self, history: History, delta: float) -> float:
+        """ε of `history` at `delta` by this ledger's accountant (common/privacy.py `epsilon`)."""
+        return epsilon(history, delta, self.accountant)
 
     def deleted(self) -> bool:
         """The key says this site kept a ledger, and neither the ledger nor its anchor is there."""
@@ -116,11 +126,11 @@ class PrivacyLedger:
         return min(deltas) if deltas else 0.0
 
     def total_epsilon(self, delta: float | None = None) -> float:
-        return epsilon(self.history(), delta if delta is not None else self.delta())
+        return self.epsilon(self.history(), delta if delta is not None else self.delta())
 
     def epsilon_if(self, extra: History, delta: float) -> float:
         """ε over every run so far plus `extra` steps, at the smaller of `delta` and the ledger's δ."""
-        return epsilon(self.history() + list(extra), self.delta(delta))
+        return self.epsilon(self.history() + list(extra), self.delta(delta))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[PrivacyLedger]:
@@ -231,10 +241,10 @@ def statement(book: PrivacyLedger) -> dict[str, Any]:
     for i, e in enumerate(entries):
         rows.append({
             **{k: v for k, v in e.to_json().items() if k != "history"},
-            "epsilon-run": epsilon(concat(x for x in entries[: i + 1] if x.run == e.run), delta),
-            "epsilon-total": epsilon(concat(entries[: i + 1]), delta),
+            "epsilon-run": book.epsilon(concat(x for x in entries[: i + 1] if x.run == e.run), delta),
+            "epsilon-total": book.epsilon(concat(entries[: i + 1]), delta),
         })
-    return {"ledger": str(book.path), "delta": delta, "rounds": rows,
+    return {"ledger": str(book.path), "delta": delta, "accountant": book.accountant, "rounds": rows,
             "runs": sorted({e.run for e in entries}), "epsilon-total": rows[-1]["epsilon-total"] if rows else 0.0}
 
 

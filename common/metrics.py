@@ -7,18 +7,23 @@ needed either (the CLI, each Ray worker; a classification site never needs torch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from common import decision
+
 ECE_BINS = 15
 
 
-def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
-    return float((probs.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
+def accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float | None = None) -> float:
+    """Right calls over all; two classes called as everywhere (common/decision.py `predict`)."""
+    return float((decision.predict(probs, threshold) == labels).mean()) if len(labels) else float("nan")
 
 
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
@@ -50,27 +55,68 @@ def segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> 
     return {"dice": float(dice.mean()), "iou": float(iou)}
 
 
-def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+SUMMARY = ("accuracy", "balanced-accuracy", "sensitivity", "specificity", "auc")
+
+
+def classification_summary(labels: np.ndarray, probs: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, sensitivity, specificity and AUC of scores `probs` (N, classes) against
+    `labels`: what every classification report shows, so that a model calling one class for every image
+    reads balanced accuracy 0.5 with sensitivity 0 or 1, whatever its accuracy and AUC.
+
+    Two classes: class 1 is positive where its probability is >= `threshold` (0.5 unless given;
+    common/decision.py); more classes: argmax and macro averages. Undefined values are None.
+    """
+    probs = np.asarray(probs)
+    pred = decision.predict(probs, threshold)
+    with _quiet():
+        return {k: _plain(v) for k, v in _summary(labels, probs, pred, list(range(probs.shape[1]))).items()}
+
+
+def classification_report(labels: np.ndarray, probs: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
     """The clinical metrics of a labelled set: scikit-learn, and torchmetrics for calibration.
 
     Two classes: sensitivity, precision and F1 are for class 1 (the finding), specificity
-    is class 0's recall. More classes: each is the unweighted mean over classes (macro).
+    is class 0's recall; class 1 is called where its probability is >= `threshold` (0.5 unless
+    given). More classes: argmax, each value the unweighted mean over classes (macro).
     An undefined value (no positive case, no positive prediction) is None, never 0.
     """
-    from sklearn import exceptions as skm_exceptions
-
     num_classes = probs.shape[1]
-    pred = probs.argmax(axis=1)
+    pred = decision.predict(probs, threshold)
     classes = list(range(num_classes))
     binary = num_classes == 2
     avg: dict[str, Any] = {"average": "binary", "pos_label": 1} if binary else {"average": "macro", "labels": classes}
-    with warnings.catch_warnings():  # undefined values are reported as None below, not as warnings
-        warnings.simplefilter("ignore", skm_exceptions.UndefinedMetricWarning)
-        warnings.filterwarnings("ignore", message="A single label was found")
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+    with _quiet():
         report = _classification(labels, probs, pred, classes, avg)
     report["averaging"] = "class 1 is positive" if binary else "macro over classes"
     return {k: _plain(v) for k, v in report.items()}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Undefined values are reported as None, not as warnings."""
+    from sklearn import exceptions as skm_exceptions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", skm_exceptions.UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="A single label was found")
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        yield
+
+
+def _summary(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, classes: list[int]) -> dict[str, Any]:
+    from sklearn import metrics as skm
+
+    avg: dict[str, Any] = ({"average": "binary", "pos_label": 1} if len(classes) == 2
+                           else {"average": "macro", "labels": classes})
+    if len(labels) == 0:
+        return dict.fromkeys(SUMMARY)
+    return {
+        "accuracy": skm.accuracy_score(labels, pred),
+        "balanced-accuracy": skm.balanced_accuracy_score(labels, pred),
+        "sensitivity": skm.recall_score(labels, pred, zero_division=np.nan, **avg),
+        "specificity": _specificity(labels, pred, classes),
+        "auc": roc_auc(labels, probs),
+    }
 
 
 def _classification(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, classes: list[int],
@@ -79,14 +125,10 @@ def _classification(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, cla
 
     return {
         "images": len(labels),
-        "accuracy": skm.accuracy_score(labels, pred),
-        "balanced-accuracy": skm.balanced_accuracy_score(labels, pred),
-        "sensitivity": skm.recall_score(labels, pred, zero_division=np.nan, **avg),
-        "specificity": _specificity(labels, pred, classes),
+        **_summary(labels, probs, pred, classes),
         "precision": skm.precision_score(labels, pred, zero_division=np.nan, **avg),
         "recall": skm.recall_score(labels, pred, zero_division=np.nan, **avg),
         "f1": skm.f1_score(labels, pred, zero_division=np.nan, **avg),
-        "auc": roc_auc(labels, probs),
         "ece": calibration_error(labels, probs),
         "confusion-matrix": skm.confusion_matrix(labels, pred, labels=classes).tolist(),
     }

@@ -8,7 +8,7 @@ and so its privacy guarantee, are only right for losses that decompose by sample
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common import metrics
+from common import decision, metrics
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -26,6 +26,8 @@ class Evaluation:
     num_examples: int
     loss: float
     metrics: dict[str, float | None] = field(default_factory=dict)
+    # two classes: positives and TP/FP at each threshold of common/decision.py's grid, as fractions
+    confusion: dict[str, float] = field(default_factory=dict)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -56,6 +58,26 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0
 
 
 LOSSES: dict[str, LossFn] = {"classification": F.cross_entropy, "segmentation": dice_ce_loss}
+
+
+def weighted_cross_entropy(weights: Sequence[float]) -> LossFn:
+    """Cross-entropy with each image's term scaled by its class's weight, divided by the batch's size.
+
+    Not torch's weighted mean (divided by the batch's summed weights): that couples every image's
+    gradient to the other images' labels, and DP-SGD's bound on one patient's influence is only
+    for losses that are a sum of per-image terms. Weights of 1 give exactly `F.cross_entropy`.
+    """
+    w = torch.tensor([float(v) for v in weights])
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, weight=w.to(logits.device, logits.dtype), reduction="sum") / len(target)
+
+    return loss
+
+
+def loss_for(task: str, class_weights: Sequence[float] | None = None) -> LossFn:
+    """A run's training loss: the task's, class-weighted where the run states weights (common/class_weights.py)."""
+    return weighted_cross_entropy(class_weights) if task == "classification" and class_weights else LOSSES[task]
 
 
 def train(
@@ -101,6 +123,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: s
         num_classes = logits.shape[1]
         return Evaluation(n, loss_sum / n, metrics.segmentation(out, target, num_classes))
     p, t = out.numpy(), target.numpy()
-    return Evaluation(n, loss_sum / n, {"accuracy": metrics.accuracy(t, p), "auc": metrics.roc_auc(t, p)})
+    confusion = decision.confusion_rates(t, p) if p.shape[1] == 2 else {}
+    return Evaluation(n, loss_sum / n, metrics.classification_summary(t, p), confusion)
 
 

@@ -6,7 +6,9 @@ Each reply passes, inside its own guard, through:
    and ranges (numbers only, finite; `num-examples` a positive integer up to MAX_EXAMPLES); for a
    train reply exactly one model ArrayRecord whose names, shapes and dtypes are the global model's
    (float16 ones for floating arrays when update-dtype is float16), and SCAFFOLD's delta c, of the
-   model's shapes, only under SCAFFOLD. A reply the packed wire could not unpack fails here too;
+   model's shapes, only under SCAFFOLD. A reply the packed wire could not unpack fails here too; an
+   evaluate reply's two-class confusion grid (common/decision.py) must be one: complete, each count
+   within its class's share and non-increasing as the threshold rises;
 2. (validate-updates) the weights: finite, and an L2 distance from the global model no larger than
    max-update-norm (when set) and than update-norm-ratio x the others' (the median of all updates with
    3 or more, the other update with 2: of two sites the one moving the model ten times further is
@@ -34,7 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import transport
+from common import decision, transport
 from common.config import RunConfig
 from common.protocol import (
     EVALUATE_SCHEMA,
@@ -169,6 +171,9 @@ def _evaluate_reply(msg: Message) -> str:
         check_schema(content, STATUS_SCHEMA)
         return "refusal"
     check_schema(content, EVALUATE_SCHEMA)
+    why = decision.inconsistent(next(iter(content.metric_records.values())))
+    if why:
+        raise Rejected("schema", why)
     return "ok"
 
 

@@ -23,7 +23,7 @@ from flwr.app import MetricRecord, RecordDict
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from client.site import Site, site_from_context
-from common import privacy, training
+from common import decision, privacy, training
 from common.config import RunConfig, site_name
 from common.models import build_model
 from common.weights import to_record
@@ -32,7 +32,8 @@ from simulation import central
 from simulation.central import TestSet
 
 log = logging.getLogger(__name__)
-SCORES = ("loss", "accuracy", "auc", "dice", "iou")
+SCORES = ("loss", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "auc", "dice", "iou")
+AT_THRESHOLD = ("threshold", "threshold-balanced-accuracy", "threshold-sensitivity", "threshold-specificity")
 
 
 def run(cfg: RunConfig, sites: int, test: TestSet | None) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def pooled(cfg: RunConfig, sites: list[Site], test: TestSet | None) -> dict[str,
         "epsilon": epsilon,
         "sites": _aggregate(per_site),
         "per-site": [{"site": site_name(i), **_shown(m)} for i, m in enumerate(per_site)],
-        "test": central.evaluate(model, test, cfg.task) if test is not None else None,
+        "test": _test(central.evaluate(model, test, cfg.task)) if test is not None else None,
     }
     log.info("baseline pooled: %s (%.0fs)", _brief(result), time.monotonic() - started)
     return {**result, "seconds": round(time.monotonic() - started, 1)}
@@ -65,7 +66,7 @@ def local(cfg: RunConfig, sites: list[Site], test: TestSet | None) -> dict[str, 
         per_site.append(_site_scores(site, model))
         epsilons.append(epsilon)
         if test is not None:
-            tests.append(central.evaluate(model, test, cfg.task))
+            tests.append(_test(central.evaluate(model, test, cfg.task)))
     result: dict[str, Any] = {
         "epochs": cfg.num_server_rounds * cfg.local_epochs,
         "epsilon-max": max(epsilons) if cfg.dp_enabled else None,
@@ -91,12 +92,12 @@ def fit(cfg: RunConfig, train_set: Dataset, name: str) -> tuple[torch.nn.Module,
     device = training.pick_device("auto")
     model.to(device)
     if not cfg.dp_enabled:
-        training.train(model, loader, optimizer, epochs, device, training.LOSSES[cfg.task])
+        training.train(model, loader, optimizer, epochs, device, training.loss_for(cfg.task, cfg.loss_weights))
         return model, None
     dp = privacy.plan(cfg.dp_target_epsilon, cfg.dp_target_delta, len(train_set), cfg.batch_size, epochs, 1,
                       cfg.dp_max_grad_norm)
     engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
-    training.train(module, loader, optimizer, epochs, device, training.LOSSES[cfg.task])
+    training.train(module, loader, optimizer, epochs, device, training.loss_for(cfg.task, cfg.loss_weights))
     return model, privacy.epsilon([tuple(h) for h in engine.accountant.history], dp.delta)
 
 
@@ -107,12 +108,20 @@ def _site_scores(site: Site, model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _aggregate(per_site: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregated with the server's own metric aggregation, as the federation's evaluate replies are."""
-    merged = aggregate_metrics([RecordDict({"metrics": MetricRecord(m)}) for m in per_site])
-    return {k: float(v) for k, v in merged.items() if k in (*SCORES, "num-examples")}
+    """Aggregated with the server's own metric aggregation, as the federation's evaluate replies are
+    (two classes: the sites' confusion counts pooled, and the threshold chosen there, common/decision.py)."""
+    merged = decision.summarise(aggregate_metrics([RecordDict({"metrics": MetricRecord(m)}) for m in per_site]),
+                                decision.total(per_site))
+    return {k: float(v) for k, v in merged.items() if k in (*SCORES, *AT_THRESHOLD, "num-examples")}
+
+
+def _test(scores: dict[str, Any]) -> dict[str, Any]:
+    """The test split's scores without its confusion grid (the federation's report uses that)."""
+    return {k: v for k, v in scores.items() if k != "counts"}
 
 
 def _shown(metrics: dict[str, Any]) -> dict[str, Any]:
+    metrics = decision.summarise(metrics)
     out = {k: float(metrics[k]) for k in SCORES if k in metrics}
     if metrics.get("auc-weight") == 0:
         out.pop("auc", None)  # a single-class validation split has no AUC
@@ -127,7 +136,8 @@ def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _brief(result: dict[str, Any]) -> str:
-    parts = [f"sites {k} {v:.3f}" for k, v in result["sites"].items() if k in ("accuracy", "auc", "dice")]
+    shown = ("accuracy", "balanced-accuracy", "auc", "dice")
+    parts = [f"sites {k} {v:.3f}" for k, v in result["sites"].items() if k in shown]
     if result.get("test"):
-        parts += [f"test {k} {v:.3f}" for k, v in result["test"].items() if k in ("accuracy", "auc", "dice")]
+        parts += [f"test {k} {v:.3f}" for k, v in result["test"].items() if k in shown]
     return ", ".join(parts)

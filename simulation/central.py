@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import training
+from common import decision, training
 from common.config import RunConfig
 from common.models import build_model
 from common.weights import load_record
@@ -36,9 +36,13 @@ class TestSet:
 
 
 def evaluate(model: torch.nn.Module, test: TestSet, task: str) -> dict[str, Any]:
+    """Loss and metrics (at 0.5 for two classes); two classes, also the confusion `counts` on the grid of
+    common/decision.py, from which the report scores the test split at each round's chosen threshold."""
     result = training.evaluate(model, test.loader(), torch.device("cpu"), task)
     out: dict[str, Any] = {"num-examples": result.num_examples, "loss": result.loss}
     out.update({k: v for k, v in result.metrics.items() if v is not None and not math.isnan(v)})
+    if result.confusion:
+        out["counts"] = decision.pooled(result.confusion, result.num_examples)
     return out
 
 

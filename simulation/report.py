@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from common import decision
 from common.config import site_name
 from server import runlog
 
@@ -25,12 +26,21 @@ PRIVACY_PNG = "privacy.png"
 SITES_PNG = "sites.png"
 CENTRAL = "central.jsonl"  # simulation/central.py: the global model on the source's test split, per round
 NODES = "nodes.json"  # simulation/grid.py: node id -> partition id
-METRICS = {"classification": ("accuracy", "auc"), "segmentation": ("dice", "iou")}
-SCORES = ("loss", "accuracy", "auc", "dice", "iou")
+METRICS = {"classification": ("accuracy", "balanced-accuracy", "auc"), "segmentation": ("dice", "iou")}  # plotted
+# tabled and in results.json's final: a majority-class collapse reads balanced accuracy 0.5, sensitivity 0 or 1
+REPORTED = {"classification": ("accuracy", "balanced-accuracy", "sensitivity", "specificity", "auc"),
+            "segmentation": ("dice", "iou")}
+SHORT = {"accuracy": "acc", "balanced-accuracy": "bacc", "sensitivity": "sens", "specificity": "spec", "auc": "auc",
+         "dice": "dice", "iou": "iou"}
+SCORES = ("loss", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "auc", "dice", "iou")
+# two classes: the threshold chosen on the sites' pooled validation (common/decision.py) and the scores there
+AT_THRESHOLD = ("threshold", "threshold-balanced-accuracy", "threshold-sensitivity", "threshold-specificity")
 LEGEND_SITES = 10  # beyond this many sites a legend hides the plot
 SHOWN_ROUNDS = 12  # sites.png: boxes for at most this many rounds
-COLUMNS = ("round", "loss", "accuracy", "auc", "dice", "iou", "test_loss", "test_accuracy", "test_auc", "test_dice",
-           "test_iou", "site_worst", "site_median", "epsilon_max", "epsilon_total_max", "client_epsilon",
+COLUMNS = ("round", "loss", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "auc", "dice", "iou",
+           *AT_THRESHOLD, "test_loss", "test_accuracy", "test_balanced-accuracy", "test_sensitivity",
+           "test_specificity", "test_auc", "test_dice", "test_iou", *(f"test_{k}" for k in AT_THRESHOLD[1:]),
+           "site_worst", "site_median", "epsilon_max", "epsilon_total_max", "client_epsilon",
            "train_loss", "sites_ok", "sites_failed", "sites_refused", "sites_rejected", "rejected", "seconds")
 
 
@@ -41,8 +51,9 @@ def round_row(record: dict[str, Any], test: dict[str, Any] | None = None, primar
     return {
         "round": record["round"],
         "loss": ev.get("loss"),
-        **{key: ev[key] for key in ("accuracy", "auc", "dice", "iou") if key in ev},
+        **{key: ev[key] for key in (*SCORES[1:], *AT_THRESHOLD) if key in ev},
         **{f"test_{key}": test[key] for key in SCORES if test and key in test},
+        **_test_at_threshold(test, ev.get("threshold")),
         "site_worst": spread[0] if spread else None,
         "site_median": float(np.median(spread)) if spread else None,
         "epsilon_max": tr.get("epsilon-max"),
@@ -56,6 +67,15 @@ def round_row(record: dict[str, Any], test: dict[str, Any] | None = None, primar
         "rejected": " ".join(f"{r.get('phase', 'train')}:{r.get('class', '')}" for r in record.get("rejected", [])),
         "seconds": record["seconds"],
     }
+
+
+def _test_at_threshold(test: dict[str, Any] | None, threshold: float | None) -> dict[str, Any]:
+    """The test split at the threshold chosen on the sites' validation that round: the honest figure
+    (the validation's own score at its best threshold is optimistic)."""
+    if not test or threshold is None or decision.tp_key(threshold) not in test.get("counts", {}):
+        return {}
+    scores = decision.at(test["counts"], threshold)
+    return {f"test_threshold-{k}": v for k, v in scores.items()}
 
 
 def privacy_by_site(records: list[dict[str, Any]], names: dict[int, str] | None = None) -> dict[str, Any]:
@@ -121,8 +141,9 @@ def write(out_dir: Path, config: dict[str, Any], sites: int, extra: dict[str, An
     names = site_names(out_dir)
     privacy = privacy_by_site(records + [s for s in stops if s.get("refused")], names)
     per_site = scores_by_site(records, names)
-    final_keys = ("loss", *shown, *(f"test_{k}" for k in ("loss", *shown)), "site_worst", "site_median",
-                  "epsilon_max")
+    reported = REPORTED[config.get("task", "classification")]
+    final_keys = ("loss", *reported, *AT_THRESHOLD, *(f"test_{k}" for k in ("loss", *reported, *AT_THRESHOLD[1:])),
+                  "site_worst", "site_median", "epsilon_max")
     results = {
         "config": config,
         "sites": sites,
@@ -164,7 +185,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, shown: tuple[str, ...], 
     from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
-    titles = {"accuracy": "held-out accuracy", "auc": "held-out AUC", "dice": "held-out Dice", "iou": "held-out IoU"}
+    titles = {"accuracy": "held-out accuracy", "balanced-accuracy": "held-out balanced accuracy",
+              "auc": "held-out AUC", "dice": "held-out Dice", "iou": "held-out IoU"}
     panels = [(key, titles[key]) for key in shown] + [("loss", "held-out loss")]
     if target_epsilon is not None:
         panels.append(("epsilon_max", "ε spent (max over sites)"))
@@ -265,22 +287,24 @@ def plot_sites(per_site: dict[str, list[dict[str, Any]]], path: Path, metric: st
 
 
 def summary_table(results: dict[str, Any]) -> list[str]:
-    """Federated vs pooled vs local-only, on the test split and on the sites' validation splits."""
-    shown = METRICS[results["config"].get("task", "classification")]
+    """Federated vs pooled vs local-only, on the test split and on the sites' validation splits: accuracy
+    beside balanced accuracy, sensitivity, specificity and AUC (at 0.5), so a collapse shows."""
+    shown = REPORTED[results["config"].get("task", "classification")]
     final, base = results["final"], results.get("baselines") or {}
     has_test = any(final.get(f"test_{k}") is not None for k in shown)
-    head = f"{'':<22}" + "".join(f"{'test ' + k:>16}" for k in shown if has_test) + \
-        "".join(f"{'sites ' + k:>16}" for k in shown) + f"{'worst site':>12}{'ε':>8}"
+    width = 10
+    head = f"{'':<22}" + "".join(f"{'test ' + SHORT[k]:>{width}}" for k in shown if has_test) + \
+        "".join(f"{'sites ' + SHORT[k]:>{width + 1}}" for k in shown) + f"{'worst site':>12}{'ε':>8}"
     lines = [head]
 
-    def cell(value: Any, width: int = 16) -> str:
-        return f"{value:>{width}.3f}" if isinstance(value, int | float) else f"{'-':>{width}}"
+    def cell(value: Any, w: int = width) -> str:
+        return f"{value:>{w}.3f}" if isinstance(value, int | float) else f"{'-':>{w}}"
 
     fed_worst = final.get("site_worst")
     eps = final.get("epsilon_max")
     lines.append(f"{'federated (' + results['config'].get('strategy', 'fedavg') + ')':<22}"
                  + "".join(cell(final.get(f"test_{k}")) for k in shown if has_test)
-                 + "".join(cell(final.get(k)) for k in shown) + cell(fed_worst, 12) + cell(eps, 8))
+                 + "".join(cell(final.get(k), width + 1) for k in shown) + cell(fed_worst, 12) + cell(eps, 8))
     for name, label in (("pooled", "pooled (centralized)"), ("local", "local-only (mean)")):
         b = base.get(name)
         if not b:
@@ -288,8 +312,16 @@ def summary_table(results: dict[str, Any]) -> list[str]:
         worst = min((s[shown[0]] for s in b["per-site"] if shown[0] in s), default=None)
         lines.append(f"{label:<22}"
                      + "".join(cell((b.get("test") or {}).get(k)) for k in shown if has_test)
-                     + "".join(cell(b["sites"].get(k)) for k in shown) + cell(worst, 12)
+                     + "".join(cell(b["sites"].get(k), width + 1) for k in shown) + cell(worst, 12)
                      + cell(b.get("epsilon", b.get("epsilon-max")), 8))
+    if final.get("threshold") is not None:
+        at = [f"{SHORT[k]} {final[f'threshold-{k}']:.3f}" for k in ("balanced-accuracy", "sensitivity",
+                                                                    "specificity") if f"threshold-{k}" in final]
+        test = [f"{SHORT[k]} {final[f'test_threshold-{k}']:.3f}" for k in ("balanced-accuracy", "sensitivity",
+                                                                           "specificity")
+                if f"test_threshold-{k}" in final]
+        lines.append(f"federated at threshold {final['threshold']:.3g} (chosen on the sites' pooled validation): "
+                     f"sites {', '.join(at)}" + (f"; test {', '.join(test)}" if test else ""))
     return lines
 
 

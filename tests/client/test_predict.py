@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from client.predict import PREDICTIONS, PredictOptions, predict
-from common import training
+from common import decision, training
 from common.config import RunConfig
 from common.data import sources, split
 from common.errors import DataError, ModelFileError
@@ -57,6 +57,10 @@ def test_predict_reproduces_the_accuracy_the_server_reported(trained_classifier,
     assert result.metrics["accuracy"] == pytest.approx(reported["accuracy"], abs=5e-4)
     assert result.predicted == reported["num-examples"] and not result.skipped
     assert 0.75 < result.metrics["accuracy"] < 1.0  # a real model, not a constant one
+    # balanced accuracy, sensitivity, specificity: what the server pools from the sites' confusion grids
+    pooled = decision.summarise(reported)
+    for key in ("balanced-accuracy", "sensitivity", "specificity"):
+        assert result.metrics[key] == pytest.approx(pooled[key], abs=1e-9)
 
     rows = _read_csv(out / PREDICTIONS)
     assert [r["file"] for r in rows] == [r["file"] for r in _read_csv(labels)]
@@ -185,3 +189,47 @@ def test_cli_turns_a_wrong_model_file_into_one_error_line(tmp_path, capsys):
         f"error: {tmp_path / 'checkpoint-last.pt'} has no model card: pass the final model.pt of a run "
         "(checkpoint-last.pt is for resuming training)"
     ]
+
+
+def _collapsed_cnn(bias: float) -> torch.nn.Module:
+    """A cnn whose last layer ignores the image: p(class 1) = sigmoid(2·bias) for every image."""
+    torch.manual_seed(0)
+    model = build_model("classification", "cnn")
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([-bias, bias]))
+    return model
+
+
+def test_predict_decides_at_the_cards_threshold_and_reports_0_5_beside_it(hospitals, tmp_path):
+    """p(class 1) = 0.31 everywhere: at 0.5 every image is called negative (balanced accuracy 0.5, sensitivity
+    0, specificity 1, whatever the accuracy); at the card's 0.3 every image is called positive."""
+    from common import metrics as clinical
+
+    site = hospitals / "site-000"
+    model = _collapsed_cnn(float(np.log(0.31 / 0.69) / 2))
+    model_path = _save_model(tmp_path / "model.pt", model, RunConfig(), metrics={"threshold": 0.3})
+    result = predict(PredictOptions(model_path, site, tmp_path / "out", site / "labels.csv", device="cpu"))
+    assert result.card.threshold == 0.3
+    rows = _read_csv(tmp_path / "out" / PREDICTIONS)
+    assert {r["predicted"] for r in rows} == {"1"}  # 0.31 >= 0.3
+    at_half = result.metrics["at-0.5"]
+    assert (at_half["balanced-accuracy"], at_half["sensitivity"], at_half["specificity"]) == (0.5, 0.0, 1.0)
+    at_card = result.metrics
+    assert (at_card["threshold"], at_card["balanced-accuracy"], at_card["sensitivity"], at_card["specificity"]) == \
+        (0.3, 0.5, 1.0, 0.0)
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([[float(r["prob_0"]), float(r["prob_1"])] for r in rows])
+    assert at_card["accuracy"] == clinical.classification_report(labels, probs, 0.3)["accuracy"] == labels.mean()
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert saved["at-0.5"] == at_half and saved["threshold"] == 0.3
+
+
+def test_a_card_without_a_threshold_decides_at_0_5(hospitals, tmp_path):
+    site = hospitals / "site-000"
+    model_path = _save_model(tmp_path / "model.pt", _collapsed_cnn(float(np.log(0.31 / 0.69) / 2)), RunConfig())
+    result = predict(PredictOptions(model_path, site, tmp_path / "out", site / "labels.csv", device="cpu"))
+    assert result.card.threshold is None and result.metrics["threshold"] == 0.5
+    assert {r["predicted"] for r in _read_csv(tmp_path / "out" / PREDICTIONS)} == {"0"}
+    assert result.metrics["sensitivity"] == 0.0 and result.metrics["balanced-accuracy"] == 0.5

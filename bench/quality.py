@@ -1,0 +1,382 @@
+"""Quality under DP (issue 20): which recipe learns BreastMNIST at ~100 images a site, not just its majority class.
+
+BreastMNIST (breast ultrasound, 28 px; ../shared/data/breastmnist) split over 5 sites by
+Dirichlet(0.5), DP-SGD at ε = 8, δ = 1e-5 per site, scored on its official test split (156
+images, 73% benign): balanced accuracy, AUC, sensitivity (malignant), specificity. Each recipe
+runs federated (`fedhosp simulate`, in-process engine), pooled and local-only (the baselines'
+own `fit`: same model, initial weights, epochs and DP), over seeds. Recipes: the small CNN;
+scattering features with a linear or CNN head (no weights needed); and, where the tree has
+`pretrained` / `trainable`, registry models started from weights `fedhosp pretrain` made on a
+public pool that is not the task's data (kneeoa: knee X-rays; pbcblood: blood-cell microscopy).
+Accuracy alone hides collapse: predicting "benign" for all scores 0.731 with balanced accuracy 0.5.
+
+Usage: python -m bench.quality [--seeds 0,1,2] [--recipes cnn,scatter-linear,...] [--rounds 30]
+       [--work runs/quality] [--out FILE];  python -m bench.quality --doc RESULTS.json (docs/simulation.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+TASK_DATA = DATA / "breastmnist" / "breastmnist.npz"
+POOLS = {"kneeoa": DATA / "kneeoa" / "kneeoa.npz", "pbcblood": DATA / "pbcblood" / "pbcblood.npz"}
+SITES, ALPHA, EPSILON, DELTA = 5, 0.5, 8.0, 1e-5
+SETTINGS = {"image-size": 28, "batch-size": 32, "local-epochs": 1, "dp-target-delta": DELTA}
+ROUNDS = 30
+PRETRAIN_EPOCHS = 3
+METRICS = ("balanced-accuracy", "auc", "sensitivity", "specificity", "accuracy")
+KINDS = ("federated", "pooled", "local")
+GOAL = {"balanced-accuracy": 0.70, "auc": 0.85}
+PUBLISHED = "centralized ResNet-18 (28), no DP, MedMNIST v2: ACC 0.863, AUC 0.901"
+DOC = ROOT / "docs" / "simulation.md"
+DOC_BEGIN, DOC_END = "<!-- bench/quality.py: begin -->", "<!-- bench/quality.py: end -->"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # MODEL[@POOL/TRAINABLE]
+    model: str
+    settings: dict[str, Any] = field(default_factory=dict)  # run-config keys on top of SETTINGS
+    pool: str | None = None  # pretrained on this public pool (fedhosp pretrain), then `pretrained = PATH`
+    trainable: str | None = None  # with a pool: `trainable = head | all`
+
+
+# Learning rates: the best of 0.05 / 0.2 / 0.5 for DP pooled training at seed 0 (cnn: the one docs/simulation.md used)
+RECIPES = (
+    Recipe("cnn", "cnn", {"learning-rate": 0.01}),
+    Recipe("scatter-linear", "scatter-linear", {"learning-rate": 0.2}),
+    Recipe("scatter-cnn", "scatter-cnn", {"learning-rate": 0.05}),
+    Recipe("cnn@pbcblood/head", "cnn", {"learning-rate": 0.2}, "pbcblood", "head"),
+    Recipe("cnn@pbcblood/all", "cnn", {"learning-rate": 0.01}, "pbcblood", "all"),
+    Recipe("resnet18@pbcblood/head", "resnet18", {"learning-rate": 0.2}, "pbcblood", "head"),
+    Recipe("resnet18@pbcblood/all", "resnet18", {"learning-rate": 0.01}, "pbcblood", "all"),
+)
+QUICK = ("cnn", "scatter-linear")
+LIGHT = ("cnn", "scatter-linear", "scatter-cnn")  # models a 2-core CPU trains in minutes
+
+
+def unavailable(recipe: Recipe) -> str | None:
+    """Why this tree cannot run the recipe (a model or setting not there yet), or None."""
+    from dataclasses import fields
+
+    from common.config import RunConfig
+    from common.models import REGISTRY
+
+    if recipe.model not in REGISTRY:
+        return f"model {recipe.model!r} is not in this tree's registry"
+    if recipe.pool is not None:
+        keys = {f.name for f in fields(RunConfig)}
+        if not {"pretrained", "trainable"} <= keys:
+            return "this tree's RunConfig has no pretrained / trainable settings"
+        if not POOLS[recipe.pool].is_file():
+            return f"{POOLS[recipe.pool]} not found"
+    return None
+
+
+def weights_for(recipe: Recipe, work: Path, log: dict[str, Any]) -> Path:
+    """`fedhosp pretrain` on the recipe's public pool, once per (model, pool)."""
+    from simulation.pretrain import PretrainOptions, pretrain, sidecar
+
+    assert recipe.pool is not None
+    out = work / "weights" / f"{recipe.model}-{recipe.pool}.pt"
+    if not (out.is_file() and sidecar(out).is_file()):
+        pretrain(PretrainOptions(data=POOLS[recipe.pool], model=recipe.model, out=out, epochs=PRETRAIN_EPOCHS,
+                                 image_size=SETTINGS["image-size"]))
+    log[out.stem] = json.loads(sidecar(out).read_text())
+    return out
+
+
+def run_recipe(recipe: Recipe, seed: int, rounds: int, work: Path, weights: Path | None) -> dict[str, Any]:
+    """Federated, pooled and local-only for one recipe and seed: each one's report on the test split.
+
+    A pretrained recipe runs federated only: the baselines' `fit` (simulation/baselines.py) starts
+    from the registry's fresh weights, not from the federation's round-1 model, so its pooled and
+    local-only figures would answer another question."""
+    from torch.utils.data import ConcatDataset
+
+    from client.site import site_from_context
+    from fedhosp import cli
+    from simulation import baselines
+
+    settings = {**SETTINGS, **recipe.settings, "model": recipe.model}
+    if weights is not None:
+        settings.update({"pretrained": str(weights), "trainable": recipe.trainable})
+    out = work / recipe.name.replace("@", "-").replace("/", "-") / f"seed-{seed}"
+    args = cli.build_parser().parse_args([
+        "simulate", "--data", str(TASK_DATA), "--partition", "dirichlet", "--alpha", str(ALPHA),
+        "--sites", str(SITES), "--rounds", str(rounds), "--epsilon", str(EPSILON), "--seed", str(seed),
+        "--engine", "inprocess", "--out", str(out),
+        "--run-config", " ".join(f"{k}={v}" for k, v in settings.items())])
+    started = time.monotonic()
+    results = json.loads(cli.run_simulate(args).read_text())
+    cfg = cli.simulate_config(args)
+    test = _test_set(cfg, out)
+    federated = _report(_final_model(cfg, out), test)
+    fed = {"federated": {**federated, "epsilon": results["final"].get("epsilon_max")},
+           "sizes": results.get("partition", {}).get("sizes")}
+    if weights is not None:
+        return {**fed, "seconds": round(time.monotonic() - started, 1)}
+    sites = [site_from_context(cfg, {"partition-id": pid}) for pid in range(SITES)]
+    pooled_model, pooled_eps = baselines.fit(cfg, ConcatDataset([s.data()[0] for s in sites]), "pooled")
+    local = [_report(baselines.fit(cfg, s.data()[0], f"local:{i}")[0], test) for i, s in enumerate(sites)]
+    return {
+        **fed,
+        "pooled": {**_report(pooled_model, test), "epsilon": pooled_eps},
+        "local": {k: _mean([r.get(k) for r in local]) for k in METRICS},
+        "local-worst": {k: _least([r.get(k) for r in local]) for k in METRICS},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _test_set(cfg, out: Path):
+    from simulation import pool
+    from simulation.central import TestSet
+
+    data = pool.load(TASK_DATA, cfg.image_size, out / "pool-cache")
+    return TestSet(data.test_images, data.test_labels)
+
+
+def _final_model(cfg, out: Path):
+    from common.models import build_model, input_channels
+    from server import checkpoint
+
+    model = build_model(cfg.task, cfg.model, input_channels(cfg.task, cfg.model, cfg.channels), cfg.num_classes,
+                        cfg.image_size)
+    model.load_state_dict(checkpoint.load(out / checkpoint.MODEL)["state_dict"])
+    return model
+
+
+def _report(model, test) -> dict[str, Any]:
+    """The clinical metrics of the model on the test split (common.metrics: scikit-learn)."""
+    import torch
+
+    from common import metrics
+
+    model.eval().cpu()
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(model(x), dim=1) for x, _ in test.loader()]).numpy()
+    report = metrics.classification_report(test.labels, probs)
+    # common.metrics takes class 1 as the finding; BreastMNIST's class 1 is normal/benign, 0 malignant
+    return {**{k: report[k] for k in METRICS},
+            "sensitivity": report["specificity"], "specificity": report["sensitivity"]}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _least(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per recipe and kind: each metric's mean and spread (sample standard deviation) over the seeds."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, per_seed in runs.items():
+        done = [r for r in per_seed.values() if "error" not in r]
+        if not done:
+            continue
+        out[name] = {}
+        for kind in (k for k in KINDS if k in done[0]):
+            out[name][kind] = {}
+            for metric in METRICS:
+                values = [r[kind][metric] for r in done if r[kind].get(metric) is not None]
+                if values:
+                    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                    out[name][kind][metric] = {"mean": statistics.fmean(values), "spread": spread,
+                                               "seeds": len(values)}
+    return out
+
+
+def best(summary: dict[str, dict[str, Any]]) -> str | None:
+    """The federated recipe with the highest mean balanced accuracy (AUC breaks ties)."""
+    def key(name: str) -> tuple[float, float]:
+        fed = summary[name]["federated"]
+        return (fed.get("balanced-accuracy", {}).get("mean", 0.0), fed.get("auc", {}).get("mean", 0.0))
+
+    return max(summary, key=key) if summary else None
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """bench/table.py rows: the federated figure of each recipe, the best against the issue's goal."""
+    if "skipped-all" in r:
+        return [("Quality", "skipped", r["skipped-all"], "", "")]
+    out: list[tuple[str, str, str, str, str]] = []
+    summary, top = r["summary"], r.get("best")
+    seeds = ",".join(map(str, r["seeds"]))
+    for name, kinds in summary.items():
+        fed = kinds["federated"]
+        shown = ", ".join(f"{m} {_cell(fed.get(m))}" for m in ("balanced-accuracy", "auc"))
+        goal = ""
+        if name == top:
+            ok = all(fed.get(m, {}).get("mean", 0.0) >= v for m, v in GOAL.items())
+            goal = ("met" if ok else "MISSED")
+        out.append(("Quality" if not out else "", f"BreastMNIST DP ε={r['epsilon']:g}, federated {name} "
+                    f"({_seeds(kinds)} of seeds {seeds}){' [best]' if name == top else ''}", shown,
+                    "bal. acc >= 0.70, AUC >= 0.85" if name == top else "", goal))
+    for name, why in r.get("skipped", {}).items():
+        out.append(("Quality" if not out else "", f"{name}: skipped", why[:100], "", ""))
+    return out
+
+
+def _seeds(kinds: dict[str, Any]) -> int:
+    return kinds["federated"].get("balanced-accuracy", {}).get("seeds", 0)
+
+
+def _cell(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "-"
+    return f"{stat['mean']:.3f} ± {stat['spread']:.3f}" if stat["seeds"] > 1 else f"{stat['mean']:.3f}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The table for docs/simulation.md: every recipe x (federated, pooled, local-only), test split."""
+    seeds = ", ".join(map(str, r["seeds"]))
+    lines = [
+        f"*Generated by `python -m bench.quality --doc` from the results of {r['date']} (commit {r['commit']}); "
+        "do not edit by hand.*", "",
+        f"BreastMNIST over {SITES} sites by Dirichlet({ALPHA:g}) ({r['settings']}, {r['rounds']} rounds), DP-SGD "
+        f"ε = {r['epsilon']:g}, δ = {r['delta']:g} at every site and in the pooled and local-only baselines, "
+        f"official test split (156 images); mean ± standard deviation over seeds {seeds}. Sensitivity is "
+        "for malignant, specificity for benign/normal; local-only is the mean of the sites' own models.", "",
+        "| recipe | trained | balanced acc. | AUC | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+    ]
+    labels = {"federated": "federated", "pooled": "pooled", "local": "local-only"}
+    for name, kinds in r["summary"].items():
+        for kind in (k for k in KINDS if k in kinds):
+            stats = kinds[kind]
+            cells = " | ".join(_cell(stats.get(m)) for m in ("balanced-accuracy", "auc", "sensitivity",
+                                                              "specificity"))
+            shown = f"{name} ({_seeds(kinds)} of {len(r['seeds'])} seeds)" if kind == "federated" else ""
+            lines.append(f"| {shown} | {labels[kind]} | {cells} |")
+    lines += ["", f"Published for comparison: {PUBLISHED}."]
+    for name, why in r.get("skipped", {}).items():
+        lines.append(f"- {name}: not run ({why}).")
+    if r.get("unfinished"):
+        lines.append(f"- not run within the pass's time limit: {', '.join(r['unfinished'])}.")
+    if any(v.get("pool") for v in r.get("recipes", {}).values()):
+        lines.append("- pretrained recipes: federated only (the baselines start from fresh weights, not from the "
+                     "federation's pretrained round-1 model).")
+    for stem, card in r.get("pretrained", {}).items():
+        test = card.get("test") or {}
+        lines.append(f"- weights `{stem}`: `fedhosp pretrain` on {card['pool-source']}, {card['epochs']} epochs, "
+                     f"{card['seconds']:.0f} s on this machine; on the pool's own test split accuracy "
+                     f"{test.get('accuracy', float('nan')):.3f}, balanced accuracy "
+                     f"{test.get('balanced-accuracy', float('nan')):.3f}.")
+    if r.get("best"):
+        fed = r["summary"][r["best"]]["federated"]
+        met = all(fed.get(m, {}).get("mean", 0.0) >= v for m, v in GOAL.items())
+        lines += ["", f"Best federated recipe: **{r['best']}**: balanced accuracy "
+                  f"{_cell(fed.get('balanced-accuracy'))}, AUC {_cell(fed.get('auc'))}; "
+                  "the goal (balanced accuracy >= 0.70 and AUC >= 0.85) is "
+                  f"{'met' if met else 'not met'}."]
+    return "\n".join(lines)
+
+
+def write_doc(results: dict[str, Any], page: Path = DOC) -> Path:
+    """Replace the generated block of docs/simulation.md with the table of these results."""
+    text = page.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise SystemExit(f"{page}: no {DOC_BEGIN} ... {DOC_END} block to fill")
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    page.write_text(f"{head}{DOC_BEGIN}\n{markdown(results)}\n{DOC_END}{tail}")
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--recipes", default=",".join(r.name for r in RECIPES),
+                        help=f"comma-separated recipe names (quick: {','.join(QUICK)})")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--stop-after-min", type=float, default=0.0,
+                        help="start no new run after this many minutes (0: no limit); the rest is listed unfinished")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="runs and weights go here")
+    parser.add_argument("--out", type=Path, default=None, help="the section's JSON (bench/__main__.py reads it)")
+    parser.add_argument("--doc", type=Path, default=None, metavar="RESULTS",
+                        help="only write docs/simulation.md's table from a bench results.json (or this JSON)")
+    args = parser.parse_args(argv)
+    if args.doc is not None:
+        saved = json.loads(args.doc.read_text())
+        print(f"page: {write_doc(saved['sections']['quality'] if 'sections' in saved else saved)}")
+        return 0
+    if not TASK_DATA.is_file():
+        result: dict[str, Any] = {"skipped-all": f"{TASK_DATA} not found"}
+        print(f"skipped: {TASK_DATA} not found")
+        if args.out:
+            args.out.write_text(json.dumps(result))
+        return 0
+    from bench import machine
+
+    by_name = {r.name: r for r in RECIPES}
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}: choose from {', '.join(by_name)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    m = machine.describe()
+    result = {"date": m["date"], "commit": m["commit"], "seeds": seeds, "rounds": args.rounds,
+              "epsilon": EPSILON, "delta": DELTA, "settings": " ".join(f"{k}={v}" for k, v in SETTINGS.items()),
+              "recipes": {}, "runs": {}, "skipped": {}, "pretrained": {}, "unfinished": [], "summary": {},
+              "best": None}
+    started = time.monotonic()
+    recipes = []
+    for name in names:
+        recipe = by_name[name]
+        result["recipes"][name] = {"model": recipe.model, "settings": recipe.settings, "pool": recipe.pool,
+                                   "trainable": recipe.trainable}
+        why = unavailable(recipe)
+        if why:
+            result["skipped"][name] = why
+            print(f"[quality] {name}: skipped ({why})", flush=True)
+        else:
+            recipes.append(recipe)
+            result["runs"][name] = {}
+    weights: dict[str, Path] = {}
+    # Seed by seed, the CPU-heavy torchvision backbones after every seed of the rest: a pass stopped
+    # early still has every light recipe at its first seeds.
+    light = [r for r in recipes if r.model in LIGHT]
+    order = [(seed, r) for group in (light, [r for r in recipes if r.model not in LIGHT])
+             for seed in seeds for r in group]
+    for seed, recipe in order:
+        name = recipe.name
+        if args.stop_after_min and time.monotonic() - started > 60 * args.stop_after_min:
+            result["unfinished"].append(f"{name} seed {seed}")
+            continue
+        try:
+            if recipe.pool and name not in weights:
+                weights[name] = weights_for(recipe, args.work, result["pretrained"])
+            run = run_recipe(recipe, seed, args.rounds, args.work, weights.get(name))
+        except Exception as exc:  # one recipe's failure is a row of the table, not the end of the bench
+            run = {"error": f"{type(exc).__name__}: {exc}"}
+        result["runs"][name][str(seed)] = run
+        print(f"[quality] {name} seed {seed}: " + (run.get("error") or ", ".join(
+            f"{k} bal.acc {run[k]['balanced-accuracy']:.3f} AUC {run[k]['auc'] or float('nan'):.3f}"
+            for k in KINDS if k in run)), flush=True)
+        result["summary"] = summarize(result["runs"])
+        result["best"] = best(result["summary"])
+        if args.out:  # after every run: a long pass killed late still leaves what it finished
+            args.out.write_text(json.dumps(result, indent=1))
+    result["summary"] = summarize(result["runs"])
+    result["best"] = best(result["summary"])
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    return 0 if all("error" not in r for per in result["runs"].values() for r in per.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
