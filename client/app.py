@@ -6,7 +6,10 @@ a run asking for less protection or more resources than the site allows gets a S
 reply, never training. Errors are logged in full here, on the site, and leave it only as
 a class name: an exception message may hold a file name. Every reply passes
 `whitelisted` on its way out: only the records and fields common/protocol.py lists leave
-a hospital, whatever the code above produced.
+a hospital, whatever the code above produced. Under SecAgg+ (`secure-aggregation = secaggplus`) a train
+message is one of four stages: three go to client/secagg.py without touching data, the masked-vector
+stage trains through the same `Site` and sends the update masked; a plain train request of such a run
+is refused, so no unmasked update leaves.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import audit, local_state
+from client import secagg as site_secagg
 from client.site import Site, site_from_context
-from common import drift, transport
+from common import drift, secagg, transport
 from common.config import RunConfig
 from common.errors import PrivacyBudgetExceeded
 from common.flower_compat import packing
@@ -29,6 +34,8 @@ from common.protocol import (
     EVALUATE_SCHEMA,
     POLICY_REFUSED,
     REFUSED_SETTING,
+    SECAGG,
+    SECAGG_SCHEMA,
     STATUS,
     STATUS_SCHEMA,
     TRAIN_SCHEMA,
@@ -72,7 +79,8 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Mes
 def whitelisted(content: RecordDict, message_type: str) -> RecordDict:
     """`content` with only the records and fields common/protocol.py lets leave a site; anything else
     is dropped, and named in the site's log (never in the reply)."""
-    schema = STATUS_SCHEMA if STATUS in content else EVALUATE_SCHEMA if "evaluate" in message_type else TRAIN_SCHEMA
+    schema = (STATUS_SCHEMA if STATUS in content else SECAGG_SCHEMA if SECAGG in content
+              else EVALUATE_SCHEMA if "evaluate" in message_type else TRAIN_SCHEMA)
     kept = RecordDict()
     for name, record in content.items():
         if name not in schema.records:
@@ -99,28 +107,55 @@ def _policy_refusal(site: Site, context: Context, server_round: int, refusal: Si
 @app.train()
 @_guarded
 def train(msg: Message, context: Context) -> RecordDict:
+    request = msg.content.get(SECAGG)
+    if request is not None and request.get(secagg.STAGE) != secagg.COLLECT:
+        return site_secagg.answer(request, context.state, msg.metadata.dst_node_id)  # no data, no training
     site, server_round = _site(msg, context)
     try:
+        if request is not None:
+            return _train_masked(site, msg, context, server_round, request)
+        if site.run.secure_aggregation != "off":
+            raise SitePolicyRefused("secure-aggregation", "the run asks for secure aggregation but this train "
+                                                          "request is not a SecAgg+ stage: no unmasked update leaves")
         return _train(site, msg, context, server_round)
     except SitePolicyRefused as refusal:
         return _policy_refusal(site, context, server_round, refusal)
+    except PrivacyBudgetExceeded as refusal:
+        return _budget_refusal(site, context, server_round, refusal)
+
+
+def _budget_refusal(site: Site, context: Context, server_round: int, refusal: PrivacyBudgetExceeded) -> RecordDict:
+    log.warning("round %d refused: %s", server_round, refusal)
+    _audit(site, context, "refused", server_round, {"epsilon-total": refusal.spent, "privacy-budget": refusal.budget})
+    return RecordDict({STATUS: ConfigRecord({
+        STATUS: BUDGET_SPENT, "epsilon-total": refusal.spent, "privacy-budget": refusal.budget,
+        "epsilon-next": refusal.would_be,
+    })})
+
+
+def _train_masked(site: Site, msg: Message, context: Context, server_round: int, request: ConfigRecord) -> RecordDict:
+    """SecAgg+'s masked-vector stage (client/secagg.py): train as usual, then send only w·q(update) under
+    masks. The update is clipped to max-update-norm first (when set): the bound the server cannot check
+    on one site's update any more holds by construction."""
+    site_secagg.check_collect(request, context.state)  # out of order: refused before any training
+    site.admit()
+    start = msg.content["arrays"]
+    arrays, metrics = site.train(start, server_round, _run_name(site, context))
+    update = {k: arrays[k].numpy().astype(np.float64) - start[k].numpy().astype(np.float64) for k in start}
+    norm = float(np.sqrt(sum(float(np.sum(np.square(u))) for u in update.values())))
+    if site.run.max_update_norm and norm > site.run.max_update_norm:
+        update = {k: u * (site.run.max_update_norm / norm) for k, u in update.items()}
+    weight = min(int(metrics["num-examples"]), site.run.max_site_weight)
+    _audit(site, context, "train", server_round, {k: metrics[k] for k in AUDITED if k in metrics})
+    return site_secagg.masked_update(request, context.state, update, weight, metrics)
 
 
 def _train(site: Site, msg: Message, context: Context, server_round: int) -> RecordDict:
     run_id = _run_name(site, context)
     control = msg.content.get(CONTROL)
-    try:
-        site.admit()  # before the SCAFFOLD state or the data is read
-        correction, own = scaffold_correction(site, run_id, control) if control is not None else (None, None)
-        arrays, metrics = site.train(msg.content["arrays"], server_round, run_id, correction)
-    except PrivacyBudgetExceeded as refusal:
-        log.warning("round %d refused: %s", server_round, refusal)
-        _audit(site, context, "refused", server_round, {"epsilon-total": refusal.spent,
-                                                        "privacy-budget": refusal.budget})
-        return RecordDict({STATUS: ConfigRecord({
-            STATUS: BUDGET_SPENT, "epsilon-total": refusal.spent, "privacy-budget": refusal.budget,
-            "epsilon-next": refusal.would_be,
-        })})
+    site.admit()  # before the SCAFFOLD state or the data is read
+    correction, own = scaffold_correction(site, run_id, control) if control is not None else (None, None)
+    arrays, metrics = site.train(msg.content["arrays"], server_round, run_id, correction)
     sent = transport.encode(arrays, msg.content["arrays"], site.run.update_dtype)
     reply = RecordDict({"arrays": sent, "metrics": MetricRecord(metrics)})
     _audit(site, context, "train", server_round, {k: metrics[k] for k in AUDITED if k in metrics})

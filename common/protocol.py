@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from common import decision
+
 STATUS = "status"  # a reply's ConfigRecord when a site declines a round: no arrays, no metrics
 BUDGET_SPENT = "privacy-budget-spent"
 POLICY_REFUSED = "site-policy-refused"  # the site's own policy (common/site_policy.py) does not accept the run
@@ -21,10 +23,14 @@ REFUSED_SETTING = "refused-setting"  # ... and names the run setting it refused,
 # The run settings a site's policy may refuse (floors on protection, caps on what sizes memory or disk).
 REFUSABLE = frozenset({"dp-enabled", "dp-target-delta", "dp-target-epsilon", "val-fraction", "image-size",
                        "num-classes", "batch-size", "local-epochs", "fine-tune-epochs", "num-server-rounds",
-                       "client-threads",
+                       "client-threads", "secure-aggregation",
                        "evaluations-per-round", "min-validation-images"})  # the site's evaluation allowance
 SCAFFOLD_CONTROL = "scaffold-c"  # server -> site: SCAFFOLD's server control variate
 SCAFFOLD_DELTA = "scaffold-delta-c"  # site -> server: the change of the site's control variate
+# SecAgg+ (common/secagg.py): the stage record of every SecAgg+ message and reply, and the masked
+# update (int64 field elements, indistinguishable from uniform) that replaces "arrays" in a site's reply.
+SECAGG = "secagg"
+SECAGG_MASKED = "secagg-masked"
 # A record name no site sends: the server's packed wire (flower_compat/packed_grid.py) puts the reason
 # here, in place of the content, when a reply cannot be unpacked, so the schema rejects that reply alone.
 UNREADABLE = "fedhosp-unreadable"
@@ -84,7 +90,9 @@ TRAIN_SCHEMA = ReplySchema(
     }),
     required_fields=frozenset({"num-examples", "site-weight"}),
 )
+RATE = Number(low=0, high=1)
 _SCORES = ("loss", "accuracy", "auc", "dice", "iou")
+_RATES = ("balanced-accuracy", "sensitivity", "specificity")  # a site's own, 3+ classes (common/scores.py)
 EVALUATE_SCHEMA = ReplySchema(
     records=MappingProxyType({"metrics": "metrics"}),
     required_records=frozenset({"metrics"}),
@@ -94,6 +102,9 @@ EVALUATE_SCHEMA = ReplySchema(
         "auc-weight": Number(integer=True, low=0, high=MAX_EXAMPLES),
         **{k: SCORE for k in _SCORES},
         **{f"personal-{k}": SCORE for k in _SCORES},
+        **{k: RATE for k in _RATES},
+        **{f"personal-{k}": RATE for k in _RATES},
+        **{k: RATE for k in decision.KEYS},  # two classes: the confusion grid, fractions of the split
     }),
     required_fields=frozenset({"num-examples", "site-weight"}),
 )
@@ -110,6 +121,24 @@ STATUS_SCHEMA = ReplySchema(
         "epsilon-next": Number(low=0, inf_ok=True),
     }),
     required_fields=frozenset({STATUS}),
+)
+
+# A SecAgg+ stage reply: the stage record (its fields' wire types, per stage, are SECAGG_REPLY_FIELDS:
+# public keys, encrypted shares for other sites, key shares; checked by server/secagg.py) and, in the
+# masked-vector stage, the masked update and the train metrics. Never an "arrays" record. Its `fields`
+# name what the site's whitelist lets out; the stage fields' values are bytes and lists, checked by
+# server/secagg.py against SECAGG_REPLY_FIELDS (validation.check_value speaks numbers and text only).
+SECAGG_REPLY_FIELDS: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    "setup": MappingProxyType({"pk1": "bytes", "pk2": "bytes"}),
+    "share_keys": MappingProxyType({"dsts": "ints", "ctxts": "bytes-list"}),
+    "collect_masked_vectors": MappingProxyType({}),
+    "unmask": MappingProxyType({"nids": "ints", "shares": "bytes-list"}),
+})
+SECAGG_SCHEMA = ReplySchema(
+    records=MappingProxyType({SECAGG: "config", SECAGG_MASKED: "arrays", "metrics": "metrics"}),
+    required_records=frozenset({SECAGG}),
+    fields=MappingProxyType({**TRAIN_SCHEMA.fields, "stage": Text(frozenset(SECAGG_REPLY_FIELDS)),
+                             **{k: Text(frozenset()) for f in SECAGG_REPLY_FIELDS.values() for k in f}}),
 )
 
 TRAIN_METRICS = frozenset(TRAIN_SCHEMA.fields)

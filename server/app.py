@@ -24,22 +24,23 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from common import privacy
+from common import decision, privacy
 from common.config import RunConfig
 from common.errors import FedhospError
 from common.flower_compat import strategy_state, waits
 from common.grid_layer import layers
 from common.logs import ensure_console
-from common.models import build_model
+from common.models import build_model, input_channels, pretrained
 from common.protocol import POLICY_REFUSED, REFUSED_SETTING, STATUS
 from common.weights import plain_state_dict
-from server import checkpoint, resume, runlog, validation
+from server import checkpoint, resume, runlog, secagg, validation
 from server.assembly import compose
 from server.strategies import build_strategy
 from server.waiting import WaitingGrid
 
 log = logging.getLogger(__name__)
-SHOWN = (("accuracy", "acc"), ("auc", "auc"), ("dice", "dice"), ("iou", "iou"))
+SHOWN = (("accuracy", "acc"), ("balanced-accuracy", "bacc"), ("sensitivity", "sens"), ("specificity", "spec"),
+         ("auc", "auc"), ("dice", "dice"), ("iou", "iou"))
 
 
 class BudgetsSpent(FedhospError):
@@ -112,8 +113,7 @@ def run(grid: WaitingGrid, cfg: RunConfig, run_id: str) -> Path:
     """Train `cfg.num_server_rounds` rounds through `grid` (server/assembly.py's); return the final model's path."""
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.task, cfg.model, 1, cfg.num_classes, cfg.image_size)
-    arrays = ArrayRecord(torch_state_dict=plain_state_dict(model))
+    arrays = ArrayRecord(torch_state_dict=plain_state_dict(initial_model(cfg)))
     strategy = build_strategy(cfg)
     log_path = out / runlog.RUN_LOG
     first = 1
@@ -149,6 +149,18 @@ def run(grid: WaitingGrid, cfg: RunConfig, run_id: str) -> Path:
     return model_path
 
 
+def initial_model(cfg: RunConfig) -> torch.nn.Module:
+    """The round-1 global model: the registry's, with the run's `pretrained` weights loaded here, on the
+    server only (common/models/pretrained.py): sites receive them as the global model and never read the
+    file. A resumed run takes its weights from the checkpoint instead."""
+    model = build_model(cfg.task, cfg.model, input_channels(cfg.task, cfg.model, cfg.channels), cfg.num_classes,
+                        cfg.image_size)
+    if cfg.pretrained and not cfg.resume:
+        loaded = pretrained.load(model, cfg.pretrained, cfg.task, cfg.model)
+        log.info("round-1 model: pretrained %s (sha256 %s)", cfg.pretrained, loaded.sha256[:16])
+    return model
+
+
 def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConfig,
                server_round: int) -> tuple[ArrayRecord, RoundResult]:
     """One round: every reply screened on its own (server/validation.py), the accepted ones aggregated,
@@ -157,8 +169,11 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     result = RoundResult(server_round)
     limits = validation.Limits.of(cfg)
     config = ConfigRecord(cfg.to_mapping())
-    screened = validation.screen_train(_send(grid, strategy.configure_train(server_round, arrays, config, grid), cfg),
-                                       arrays, limits)
+    messages = strategy.configure_train(server_round, arrays, config, grid)
+    if cfg.secure_aggregation == "off":
+        screened, secagg_failed = validation.screen_train(_send(grid, messages, cfg), arrays, limits), ""
+    else:  # four message rounds; the replies carry only global + the unmasked mean (server/secagg.py)
+        screened, secagg_failed = secagg.train(grid, messages, arrays, cfg, server_round)
     replies, result.rejected = screened.accepted, screened.rejected
     result.refused = [_refusal(m, server_round) for m in screened.refusals]
     result.sites_ok = sum(not m.has_error() for m in replies)
@@ -167,8 +182,9 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     if result.refused and not replies:
         raise BudgetsSpent(f"round {server_round}: every site refused to train (its privacy budget spent or "
                            "its policy)", result.refused)
-    new_arrays, train_metrics, result.failed = (_aggregate(strategy, server_round, replies) if result.sites_ok
-                                                else (None, None, ""))
+    new_arrays, train_metrics, result.failed = (_aggregate(strategy, server_round, replies)
+                                                if result.sites_ok and not secagg_failed
+                                                else (None, None, secagg_failed))
     if new_arrays is None and not result.failed:
         raise FedhospError(f"round {server_round}: no site returned an update ({_why_none(replies, result)}); "
                            "check the sites' logs")
@@ -184,7 +200,8 @@ def play_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, cfg: RunConf
     for msg in screened.refusals:
         _refusal(msg, server_round, "evaluate")
     result.site_scores = [_site_scores(m) for m in screened.accepted if not m.has_error()]
-    result.evaluate = _aggregate_evaluate(strategy, server_round, screened.accepted)
+    result.evaluate = decision.summarise(_aggregate_evaluate(strategy, server_round, screened.accepted),
+                                         decision.total(_metrics(m) for m in screened.accepted if not m.has_error()))
     for r in result.rejected:
         log.warning("round %d: %s reply from site %s rejected (%s): %s", server_round, r["phase"], r["node"],
                     r["class"], r["reason"])
@@ -271,9 +288,14 @@ def _site_privacy(msg: Message) -> dict[str, Any]:
     return {"node": msg.metadata.src_node_id, **{k: float(metrics[k]) for k in keys if k in metrics}}
 
 
+def _metrics(msg: Message) -> Mapping[str, Any]:
+    return next(iter(msg.content.metric_records.values()), {})
+
+
 def _site_scores(msg: Message) -> dict[str, Any]:
-    """One site's held-out metrics (global and personalized): the report's per-site view."""
-    metrics = next(iter(msg.content.metric_records.values()), {})
+    """One site's held-out metrics (global and personalized; two classes: its confusion grid summarised,
+    common/decision.py): the report's per-site view."""
+    metrics = decision.summarise(_metrics(msg))
     return {"node": msg.metadata.src_node_id, **{k: float(v) for k, v in metrics.items()
                                                   if k not in ("site-weight", "auc-weight")}}
 
@@ -293,6 +315,8 @@ def progress_line(result: RoundResult, rounds: int, elapsed: float) -> str:
     eta = elapsed / result.server_round * (rounds - result.server_round)
     parts = [f"round {result.server_round}/{rounds}", f"loss {ev.get('loss', float('nan')):.4f}"]
     parts += [f"{short} {ev[key]:.3f}" for key, short in SHOWN if key in ev]
+    if "threshold" in ev:  # two classes: the pooled validation's best threshold (common/decision.py)
+        parts.append(f"at {ev['threshold']:.3g}: bacc {ev.get('threshold-balanced-accuracy', float('nan')):.3f}")
     if "epsilon-max" in tr:
         parts.append(f"eps_max {tr['epsilon-max']:.2f}")
     rejected = result.rejected_updates

@@ -68,6 +68,10 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str = WEIGHT_KEY) -
 # state; SCAFFOLD sends a second, unclipped update (delta c). Sample-level DP-SGD composes with
 # every strategy: aggregation is post-processing of the sites' DP outputs.
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
+# Which strategies run on a secure sum (server/secagg.py): a weighted mean, and the server optimizers fed
+# by it. Median, trimmed mean, Krum and Bulyan rank individual updates; SCAFFOLD needs each site's delta c;
+# client-level DP clips each site's update on the server. None of those exists under SecAgg+.
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
@@ -104,6 +108,13 @@ def check_combination(cfg: RunConfig) -> None:
         raise ConfigError(
             f"client-dp = {cfg.client_dp} does not compose with strategy = {cfg.strategy}: its noise is "
             f"calibrated for a mean of clipped updates; use {' or '.join(CLIENT_DP_STRATEGIES)}, or client-dp = off"
+        )
+    if cfg.secure_aggregation != "off" and (cfg.strategy not in SECAGG_STRATEGIES or cfg.client_dp != "off"):
+        what = f"strategy = {cfg.strategy}" if cfg.strategy not in SECAGG_STRATEGIES else f"client-dp = {cfg.client_dp}"
+        raise ConfigError(
+            f"secure-aggregation = {cfg.secure_aggregation} does not compose with {what}: it needs each site's "
+            f"own update, and the server sees only their sum; use {' | '.join(SECAGG_STRATEGIES)} with "
+            "client-dp = off, or secure-aggregation = off"
         )
     if cfg.strategy == "scaffold" and cfg.momentum != 0:
         raise ConfigError(f"strategy = scaffold assumes plain local SGD: set momentum = 0 (now {cfg.momentum:g})")
