@@ -4,9 +4,11 @@ A hospital must be able to show, without asking the coordinator, every federated
 data took part in, which code ran on it and how much privacy each run spent. Flower starts
 a fresh ClientApp process per message, so each answer appends one line (append-only, flushed
 and fsynced) to `audit.jsonl` in the site's state folder; `summary` folds the lines into one
-record per run. The app is identified by the Flower app bundle's hash prefix (Flower names
-the folder it installs a bundle into after it) and by a SHA-256 over the site-side code
-that actually ran. Nothing here is ever sent.
+record per run. The app is identified by a SHA-256 over the site-side code that actually
+ran and, in deployment, by the digest of the bundle the coordinator sent. There the site's
+import guard (fedhosp/approved_code.py)
+writes its own line (`event: app`) before any ClientApp code runs, with the bundle's digest
+and its verdict; every later line of that process carries them too. Nothing here is ever sent.
 """
 
 from __future__ import annotations
@@ -14,17 +16,16 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from common import app_bundle
 from common.site_state import SiteState
 
 AUDIT_LOG = "audit.jsonl"
-CODE_PACKAGES = ("client", "common")  # what runs at the site and touches its data
-FAB_DIR = re.compile(r"\.([0-9a-f]{8,64})$")  # Flower's app folder: <publisher>.<name>.<version>.<hash prefix>
+CODE_PACKAGES = app_bundle.SITE_PACKAGES  # what runs at the site and touches its data
 
 
 def record(state: SiteState | Path, run_id: str, node_id: int, event: str, server_round: int,
@@ -48,7 +49,9 @@ def summary(state: SiteState | Path) -> list[dict[str, Any]]:
                                                "evaluations": 0, "refused": 0, "epsilon": None,
                                                "epsilon-total": None, "app": ""})
         run["last"] = line["time"]
-        run["app"] = line.get("fab-hash") or line.get("code-sha256", "")[:16]
+        run["app"] = (line.get("app-sha256") or line.get("code-sha256", ""))[:16]
+        if line.get("app-decision") == app_bundle.REFUSED:
+            run["refused"] += 1
         if line["event"] == "train":
             run["rounds"].append(line["round"])
             for key in ("epsilon", "epsilon-total"):
@@ -63,11 +66,10 @@ def summary(state: SiteState | Path) -> list[dict[str, Any]]:
 
 @cache
 def app_identity() -> dict[str, str]:
-    """The app bundle's hash prefix (when Flower installed one) and a hash of the site-side code."""
-    root = Path(__file__).resolve().parents[1]
-    identity = {"code-sha256": _code_hash(root)}
-    if match := FAB_DIR.search(root.name):
-        identity["fab-hash"] = match.group(1)
+    """A hash of the site-side code that runs, and the guard's verdict on the coordinator's bundle."""
+    identity = {"code-sha256": _code_hash(Path(__file__).resolve().parents[1])}
+    if (verdict := app_bundle.current()) is not None:
+        identity.update({"app-sha256": verdict.sha256, "app-decision": verdict.decision})
     return identity
 
 

@@ -20,6 +20,12 @@ from common.config import RunConfig, _parse, _spec
 from common.errors import FedhospError
 from common.protocol import REFUSABLE
 
+# A real site's total ε over every run on its data when the hospital names none (`fedhosp client
+# --privacy-budget`, node config `privacy-budget`): one run at the coordinator's default target (8) and a
+# little more, at the upper end of what DP-SGD studies call meaningful. Spent, the site refuses every
+# further DP round until the hospital raises it on purpose.
+DEFAULT_PRIVACY_BUDGET = 10.0
+ACCOUNTANTS = ("rdp", "prv")  # common/privacy.py ACCOUNTANTS' names (not imported: that pulls in Opacus)
 DELTA_PER_IMAGE = 10  # the automatic δ: 1/(10·N) for N training images, well below the 1/N a release of one image costs
 
 
@@ -63,6 +69,10 @@ class SitePolicy:
     ledger_key: str = _spec("")
     new_ledger: bool = _spec(False)  # the hospital starts a new ledger where its key shows one was deleted
     metric_decimals: int = _spec(3, lambda v: 0 <= v <= 15, "an integer in [0, 15]")  # evaluate metrics, rounded
+    # how the ledger states ε and the noise for a run's target is found: Opacus's RDP, or its tighter PRV
+    accountant: str = _spec("rdp", lambda v: v in ACCOUNTANTS, " | ".join(ACCOUNTANTS))
+    # the site trains only in runs with secure aggregation (SecAgg+): the coordinator never sees its update
+    require_secure_aggregation: bool = _spec(False)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SitePolicy:
@@ -98,6 +108,15 @@ class SitePolicy:
             if asked > cap:
                 raise SitePolicyRefused(key, f"{asked} is above this site's cap max-{_cap_name(key)} = {cap}")
 
+    def check_evaluation_settings(self, run: RunConfig) -> None:
+        """Before an evaluation: the caps, and no fine-tuning unless this site accepts training without DP
+        (fine-tune-epochs trains a personal model on the training split without noise; its scores leave)."""
+        self.check_resources(run)
+        if run.fine_tune_epochs and not self.allow_no_dp:
+            raise SitePolicyRefused("fine-tune-epochs", f"{run.fine_tune_epochs} epochs of fine-tuning without DP; "
+                                                        "this site trains with DP only (node config allow-no-dp = "
+                                                        "false)")
+
     def check_training(self, run: RunConfig) -> None:
         """Before any data is read: the settings the run's own config decides."""
         self.check_resources(run)
@@ -106,6 +125,9 @@ class SitePolicy:
         if not math.isclose(run.val_fraction, self.val_fraction):
             raise SitePolicyRefused("val-fraction", f"{run.val_fraction:g} is not this site's "
                                                     f"val-fraction = {self.val_fraction:g}")
+        if self.require_secure_aggregation and run.secure_aggregation == "off":
+            raise SitePolicyRefused("secure-aggregation", "this site trains only with secure aggregation "
+                                                          "(node config require-secure-aggregation = true)")
         if run.dp_enabled and run.dp_target_epsilon > self.max_epsilon_per_run:
             raise SitePolicyRefused("dp-target-epsilon", f"{run.dp_target_epsilon:g} is above this site's "
                                                          f"max-epsilon-per-run = {self.max_epsilon_per_run:g}")

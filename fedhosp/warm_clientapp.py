@@ -9,14 +9,17 @@ task the shim asks the zygote to fork; the child takes the shim's argv, environm
 working directory and runs Flower's own `flwr-clientapp` entry point, exactly as the
 stock command would, and the shim exits with the child's status.
 
-What a task runs is unchanged: our own packages are dropped from the zygote before it
-forks, so the ClientApp and `common/` are imported by each child from the app bundle
-the SuperNode installed, as in a fresh process; only third-party modules from the
-site's own environment are shared. Each child is a new process (nothing it does
+What a task runs is the site's decision, not the bundle's: our own packages are dropped
+from the zygote before it forks, and each child starts behind fedhosp/approved_code.py's
+guard, which imports the ClientApp from the hospital's own installation when the bundle
+the SuperNode installed holds the same site-side code (or from the bundle, only if the
+hospital approved its digest), and refuses it otherwise; only third-party modules from
+the site's own environment are shared. Each child is a new process (nothing it does
 reaches the zygote or the next task), its numpy and torch global generators are
 reseeded from the OS like a fresh interpreter's, and the zygote never touches CUDA
 (a CUDA context cannot cross a fork). When the zygote is not there (not yet imported,
-or gone), the shim runs the stock `flwr-clientapp` instead: never slower than Flower.
+gone, or not started: `--stock`), the shim runs Flower's `flwr-clientapp` behind the same guard
+(`python -m fedhosp.approved_code`): never slower than Flower, never unguarded.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ import select
 import signal
 import socket
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from common.flower_compat import clientapp as flower_clientapp
 from common.flower_compat import waits as flower_waits
+from fedhosp import approved_code
 
 OURS = frozenset({"client", "common", "server", "simulation", "fedhosp", "bench", "tests"})
 # What a task imports: Flower's entry point, our app (torch, Opacus, pydicom), the metrics' libraries.
@@ -48,14 +52,14 @@ SHIM_NAME = flower_clientapp.COMMAND
 # The shim runs with `python -IS` (no site-packages, no environment): stdlib only, ~20 ms.
 SHIM = '''\
 #!{python} -IS
-"""flwr-clientapp through fedhosp's warm zygote ({socket}); the stock command if it is not there."""
+"""flwr-clientapp through fedhosp's warm zygote ({socket}); {fallback[0]} ... if it is not there."""
 import json, os, signal, socket, sys
-STOCK, PATH = {stock!r}, {socket!r}
+FALLBACK, PATH = {fallback!r}, {socket!r}
 try:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(PATH)
-except OSError:
-    os.execv(STOCK, [STOCK, *sys.argv[1:]])
+except (OSError, TypeError):  # TypeError: no zygote at all (PATH None)
+    os.execv(FALLBACK[0], [*FALLBACK, *sys.argv[1:]])
 request = {{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}}
 conn.sendall(json.dumps(request).encode() + b"\\n")
 reader = conn.makefile("r")
@@ -70,19 +74,27 @@ sys.exit(128 - code if code < 0 else code)  # killed by signal N: 128 + N, as a 
 '''
 
 
-def write_shim(bin_dir: Path, socket_path: Path, stock: Path | None = None) -> Path:
-    """The `flwr-clientapp` to put first on the SuperNode's PATH (`stock`: what it runs without a zygote)."""
+def guarded(guard: Sequence[str]) -> list[str]:
+    """Flower's clientapp behind the site's approved-code guard, without a zygote (the shim appends
+    Flower's arguments)."""
+    return [sys.executable, "-m", approved_code.__name__, *guard, "--"]
+
+
+def write_shim(bin_dir: Path, socket_path: Path | None, fallback: Sequence[str]) -> Path:
+    """The `flwr-clientapp` to put first on the SuperNode's PATH: a task goes to the zygote at
+    `socket_path`, or (none, or not answering) runs `fallback` + Flower's arguments."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    stock = stock or Path(sys.executable).parent / SHIM_NAME
     shim = bin_dir / SHIM_NAME
-    shim.write_text(SHIM.format(python=sys.executable, stock=str(stock), socket=str(socket_path)))
+    shim.write_text(SHIM.format(python=sys.executable, fallback=list(fallback),
+                                socket=None if socket_path is None else str(socket_path)))
     shim.chmod(0o755)
     return shim
 
 
-def command(socket_path: Path) -> list[str]:
-    """The zygote's own command line, run by `fedhosp client` beside the SuperNode."""
-    return [sys.executable, "-m", "fedhosp.warm_clientapp", str(socket_path)]
+def command(socket_path: Path, guard: Sequence[str]) -> list[str]:
+    """The zygote's own command line, run by `fedhosp client` beside the SuperNode (`guard`: the
+    approved-code guard's settings, approved_code.arguments)."""
+    return [sys.executable, "-m", "fedhosp.warm_clientapp", str(socket_path), *guard]
 
 
 def preload(modules: Iterable[str] = PRELOAD) -> None:
@@ -97,7 +109,7 @@ def preload(modules: Iterable[str] = PRELOAD) -> None:
         del sys.modules[name]
 
 
-def serve(socket_path: Path, entry: str = ENTRY) -> None:
+def serve(socket_path: Path, entry: str = ENTRY, guard: Callable[[], object] | None = None) -> None:
     """Fork one child per request until SIGTERM; tell each requester its child's pid, then its status."""
     socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     socket_path.unlink(missing_ok=True)
@@ -121,7 +133,7 @@ def serve(socket_path: Path, entry: str = ENTRY) -> None:
                 ready, _, _ = select.select([listener], [], [], 0.1)
                 if ready:
                     conn, _ = listener.accept()
-                    _start(conn, listener, waiting, entry)
+                    _start(conn, listener, waiting, entry, guard)
             _reap(waiting)
     finally:
         listener.close()
@@ -131,7 +143,8 @@ def serve(socket_path: Path, entry: str = ENTRY) -> None:
                 os.kill(pid, signal.SIGTERM)
 
 
-def _start(conn: socket.socket, listener: socket.socket, waiting: dict[int, socket.socket], entry: str) -> None:
+def _start(conn: socket.socket, listener: socket.socket, waiting: dict[int, socket.socket], entry: str,
+           guard: Callable[[], object] | None) -> None:
     conn.settimeout(10)
     try:
         request = json.loads(conn.makefile("r").readline())
@@ -149,7 +162,7 @@ def _start(conn: socket.socket, listener: socket.socket, waiting: dict[int, sock
             for other in waiting.values():
                 other.close()
             conn.close()
-            code = _run_task(entry, argv, env, cwd)
+            code = _run_task(entry, argv, env, cwd, guard)
         finally:
             os._exit(code)
     waiting[pid] = conn
@@ -172,8 +185,10 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
             conn.close()
 
 
-def _run_task(entry: str, argv: Sequence[str], env: dict[str, str], cwd: str) -> int:
-    """In the forked child: become the process the stock command would have been, run it, exit."""
+def _run_task(entry: str, argv: Sequence[str], env: dict[str, str], cwd: str,
+              guard: Callable[[], object] | None = None) -> int:
+    """In the forked child: become the process the stock command would have been, behind the site's
+    guard (installed by this, the site's code, before Flower reads the bundle), run it, exit."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
     os.environ.clear()
@@ -184,6 +199,8 @@ def _run_task(entry: str, argv: Sequence[str], env: dict[str, str], cwd: str) ->
     module_name, _, attr = entry.partition(":")
     code = 0
     try:
+        if guard is not None:
+            guard()
         result = getattr(importlib.import_module(module_name), attr)()
         code = result if isinstance(result, int) else 0
     except SystemExit as exc:
@@ -215,12 +232,14 @@ def _reseed() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        raise SystemExit("usage: python -m fedhosp.warm_clientapp SOCKET_PATH")
+    if not args or args[0].startswith("-"):
+        raise SystemExit("usage: python -m fedhosp.warm_clientapp SOCKET_PATH --flower-home DIR --state DIR "
+                         "[--allow-app SHA256 ...]")
+    settings = approved_code.parser().parse_args(args[1:])
     preload()
     flower_waits.shorten_object_pulls()  # inherited by every child: it asks for objects still arriving
     print(f"fedhosp: clientapp libraries loaded; warm tasks through {args[0]}", flush=True)
-    serve(Path(args[0]))
+    serve(Path(args[0]), guard=lambda: approved_code.install_from(settings))
 
 
 if __name__ == "__main__":

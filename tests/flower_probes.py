@@ -16,9 +16,14 @@ Inventory (name: why a test needs it):
 - `flwr.common.config.parse_config_args`, `flwr.superlink.cli.flower_superlink._parse_args_run_superlink`,
   `flwr.supernode.cli.flower_supernode._parse_args_run_supernode`: Flower's own argument parsers,
   run on the commands `fedhosp` prints (test_deploy_commands).
+- `flwr.cli.install.install_from_fab`, `flwr.clientapp.utils.get_load_client_app_fn`: the two steps of
+  Flower's clientapp process (`run_clientapp`) that install the coordinator's bundle and import its
+  ClientApp, run behind the site's guard (test_approved_code).
 """
 
+from flwr.cli.install import install_from_fab
 from flwr.cli.supernode.register import try_load_public_key
+from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.config import parse_config_args
 from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
@@ -29,5 +34,6 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as sup
 
 __all__ = [
     "PROTOBUF_MEDIA_TYPE", "PROTOBUF_REQUEST_TYPES", "ListNodesRequest", "RegisterNodeRequest",
-    "parse_config_args", "public_key_to_bytes", "superlink_parser", "supernode_parser", "try_load_public_key",
+    "get_load_client_app_fn", "install_from_fab", "parse_config_args", "public_key_to_bytes", "superlink_parser",
+    "supernode_parser", "try_load_public_key",
 ]

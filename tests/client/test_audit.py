@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import audit
 from client.app import app as client_app
+from common import app_bundle
 from common.config import RunConfig
 from common.flower_compat.engine import acting_as
 from common.models import build_model
@@ -41,15 +42,22 @@ def test_every_train_and_evaluate_is_appended_and_folded_per_run(tmp_path, hospi
     assert forbidden not in (state / audit.AUDIT_LOG).read_text()
 
 
-def test_app_identity_names_the_flower_bundle_and_hashes_the_site_code(tmp_path, monkeypatch):
+def test_app_identity_hashes_the_site_code_and_carries_the_guards_verdict(tmp_path, monkeypatch):
     app_dir = tmp_path / "fedhosp.fedhosp.0.1.0.1a2b3c4d"
     for package in audit.CODE_PACKAGES:
         (app_dir / package).mkdir(parents=True)
         (app_dir / package / "x.py").write_text("A = 1\n")
     first = audit._code_hash(app_dir)
-    assert audit.FAB_DIR.search(app_dir.name).group(1) == "1a2b3c4d"
     (app_dir / "common" / "x.py").write_text("A = 2\n")
     assert audit._code_hash(app_dir) != first  # any change to the site's code shows
+    verdict = app_bundle.judge(app_dir, app_dir)
+    monkeypatch.setattr(app_bundle, "_current", verdict)
+    audit.app_identity.cache_clear()
+    try:
+        identity = audit.app_identity()
+    finally:
+        audit.app_identity.cache_clear()
+    assert identity["app-sha256"] == app_bundle.digest(app_dir) and identity["app-decision"] == verdict.decision
 
 
 def test_summary_of_a_site_that_never_joined_is_empty(tmp_path):

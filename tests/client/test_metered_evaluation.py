@@ -92,7 +92,7 @@ def test_a_validation_split_below_the_sites_minimum_is_refused_unevaluated(tmp_p
 
 def test_evaluate_metrics_leave_the_site_rounded(tmp_path, split):
     site = Site(replace(RUN, fine_tune_epochs=1), SiteConfig(str(tmp_path), str(tmp_path / "s"), "cpu"),
-                own_policy=SitePolicy())
+                own_policy=SitePolicy(allow_no_dp=True))  # fine-tuning is training without DP
     reply = site.evaluate(to_record(build_model("classification", "cnn", image_size=32)), "r")
     scores = {k: v for k, v in reply.items() if k not in ("num-examples", "site-weight", "auc-weight")}
     assert {"loss", "accuracy", "personal-loss"} <= set(scores)

@@ -20,7 +20,7 @@ from common.flower_compat.engine import acting_as
 from common.ledger import LEDGER_FILE, PrivacyLedger
 from common.models import build_model
 from common.protocol import POLICY_REFUSED, REFUSED_SETTING, STATUS
-from common.site_policy import SitePolicy, SitePolicyRefused, split_node_config
+from common.site_policy import DEFAULT_PRIVACY_BUDGET, SitePolicy, SitePolicyRefused, split_node_config
 from common.weights import to_record
 
 RUN = RunConfig(num_server_rounds=2, local_epochs=1, batch_size=8, image_size=32, dp_target_delta=1e-3)
@@ -151,3 +151,24 @@ def test_the_decode_cache_keeps_at_most_the_sites_number_of_sets(hospitals, tmp_
     monkeypatch.setattr(site_module, "_MEMO", {})
     train, _ = _site(hospitals, tmp_path, replace(RUN, image_size=16), decode_caches=2).data()  # evicted: decoded again
     assert train.tensors[0].shape[-1] == 16
+
+
+def test_fine_tuning_without_dp_is_refused_at_a_dp_only_site_before_any_image_is_read(hospitals, tmp_path,
+                                                                                     monkeypatch):
+    run = replace(RUN, fine_tune_epochs=1)
+    read = []
+    monkeypatch.setattr(Site, "data", lambda self: read.append(1))
+    with pytest.raises(SitePolicyRefused) as refusal:
+        _site(hospitals, tmp_path, run).evaluate(_arrays(), "personal")
+    assert refusal.value.setting == "fine-tune-epochs" and not read
+    monkeypatch.undo()
+    allowed = _site(hospitals, tmp_path / "b", run, allow_no_dp=True, min_validation_images=0)
+    assert "personal-loss" in allowed.evaluate(_arrays(), "ok")
+
+
+def test_a_real_site_without_a_named_budget_gets_the_conservative_default(hospitals, tmp_path):
+    """A hand-written node config (no `fedhosp client`) must not mean an unlimited ε."""
+    node_config = {"data-path": str(hospitals / "site-000"), "state-dir": str(tmp_path), "device": "cpu"}
+    assert site_from_context(replace(RUN, site_privacy_budget=500.0), node_config).budget == DEFAULT_PRIVACY_BUDGET
+    named = site_from_context(RUN, {**node_config, "privacy-budget": 3.0})
+    assert named.budget == 3.0

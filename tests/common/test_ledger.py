@@ -10,6 +10,7 @@ from common.config import RunConfig, SiteConfig
 from common.errors import PrivacyBudgetExceeded, PrivacyLedgerError
 from common.ledger import ANCHOR_FILE, LEDGER_FILE, Entry, PrivacyLedger
 from common.models import build_model
+from common.site_policy import SitePolicyRefused
 from common.weights import to_record
 
 RUN = RunConfig(num_server_rounds=2, local_epochs=1, batch_size=8, image_size=32, dp_target_delta=1e-3)
@@ -34,7 +35,7 @@ def _opacus_epsilon(entries, delta):
 
 
 def test_epsilon_composes_across_runs_and_equals_opacus(hospitals, tmp_path):
-    site, arrays = _site(hospitals, tmp_path), _arrays()
+    site, arrays = _site(hospitals, tmp_path, budget=1e6), _arrays()
     for run_id in ("study-a", "study-b"):
         for server_round in (1, 2):
             _, metrics = site.train(arrays, server_round, run_id)
@@ -73,8 +74,11 @@ def test_a_site_refuses_the_round_that_would_pass_its_budget(hospitals, tmp_path
 
 
 def test_a_site_with_a_budget_refuses_training_without_dp(hospitals, tmp_path):
-    run = RunConfig(**{**RUN.__dict__, "dp_enabled": False})
-    with pytest.raises(PrivacyBudgetExceeded, match="without DP"):
+    run = RunConfig(**{**RUN.__dict__, "dp_enabled": False, "site_privacy_budget": 5.0})
+    virtual = Site(run, SiteConfig(str(hospitals / "site-000"), str(tmp_path / "v"), "cpu"), index=0)
+    with pytest.raises(PrivacyBudgetExceeded, match="without DP"):  # simulation: the run's budget binds
+        virtual.train(_arrays(), 1, "plain")
+    with pytest.raises(SitePolicyRefused, match="dp-enabled"):  # a real site: its own policy (allow-no-dp)
         _site(hospitals, tmp_path, budget=5.0, run=run).train(_arrays(), 1, "plain")
 
 
@@ -187,6 +191,28 @@ def test_an_edited_and_rehashed_ledger_fails_the_sites_key(tmp_path):
     key.path.unlink()
     with pytest.raises(PrivacyLedgerError, match=r"key .* is missing"):
         book.entries()
+
+
+def test_ledger_show_checks_the_sites_signatures_with_its_key(tmp_path, capsys):
+    """An edited, re-hashed ledger passes the chain but not `fedhosp ledger show` beside the site's key."""
+    from common.ledger import LedgerKey
+    from fedhosp.cli import main
+
+    state = tmp_path / "state"
+    book = PrivacyLedger(state, LedgerKey(tmp_path / "state.ledger-key"), data="site-data")  # the default place
+    for i in (1, 2):
+        book.append(_entry(i))
+    assert main(["ledger", "show", "--site", str(state)]) == 0
+    assert "signatures verified" in capsys.readouterr().out
+    records = json.loads((state / LEDGER_FILE).read_text())["records"]
+    records[0]["entry"]["noise_multiplier"] = 50.0
+    _rehash(state / LEDGER_FILE, state / ANCHOR_FILE, records)
+    assert main(["ledger", "show", "--site", str(state)]) == 2
+    assert "entry 1 is not signed" in capsys.readouterr().err
+    (tmp_path / "state.ledger-key").rename(tmp_path / "elsewhere.key")
+    assert main(["ledger", "show", "--site", str(state)]) == 0  # no key: the chain only, and it says so
+    assert "signatures not checked" in capsys.readouterr().out
+    assert main(["ledger", "show", "--site", str(state), "--ledger-key", str(tmp_path / "elsewhere.key")]) == 2
 
 
 def test_a_deleted_ledger_stops_the_site_until_the_hospital_starts_a_new_one(hospitals, tmp_path):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhosp import warm_clientapp
+from fedhosp import approved_code, warm_clientapp
+from tests.fedhosp import test_approved_code
 
 ROOT = Path(__file__).resolve().parents[2]
 ZYGOTE = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
@@ -27,7 +28,7 @@ def zygote(tmp_path):
     while not sock.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the zygote did not start"
         time.sleep(0.05)
-    shim = warm_clientapp.write_shim(tmp_path / "bin", sock)
+    shim = warm_clientapp.write_shim(tmp_path / "bin", sock, ["/bin/false"])
     yield proc, shim, sock
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=10)
@@ -66,14 +67,52 @@ def test_a_signal_to_the_shim_reaches_the_task(zygote, tmp_path):
     assert task.wait(timeout=30) == 128 + signal.SIGTERM
 
 
-def test_without_a_zygote_the_shim_runs_the_stock_command(tmp_path):
+@pytest.mark.parametrize("socket_name", ["nobody.sock", None])
+def test_without_a_zygote_the_shim_runs_its_fallback(tmp_path, socket_name):
     stock = tmp_path / "stock"
     stock.write_text("#!/bin/sh\necho stock \"$@\"\nexit 7\n")
     stock.chmod(0o755)
-    shim = warm_clientapp.write_shim(tmp_path / "bin", tmp_path / "nobody.sock", stock=stock)
+    sock = None if socket_name is None else tmp_path / socket_name  # a zygote gone, or none started
+    shim = warm_clientapp.write_shim(tmp_path / "bin", sock, [str(stock), "--guarded"])
     task = run_shim(shim, tmp_path, "--token", "abc", stdout=subprocess.PIPE, text=True)
     out, _ = task.communicate(timeout=30)
-    assert (task.returncode, out.strip()) == (7, "stock --token abc")
+    assert (task.returncode, out.strip()) == (7, "stock --guarded --token abc")
+
+
+def test_the_fallback_is_flowers_clientapp_behind_the_sites_guard(tmp_path):
+    guard = approved_code.arguments(tmp_path / "home", tmp_path / "state", ["ab" * 32])
+    command = warm_clientapp.guarded(guard)
+    assert command[:3] == [sys.executable, "-m", "fedhosp.approved_code"] and command[-1] == "--"
+    settings = approved_code.parser().parse_args(command[3:-1])
+    assert (settings.flower_home, settings.state, settings.allow_app) == (tmp_path / "home", tmp_path / "state",
+                                                                          ["ab" * 32])
+
+
+def test_a_forked_task_runs_behind_the_zygotes_guard(tmp_path):
+    """The guard comes from the zygote's own command line (the site's), not from the task's request."""
+    folder = test_approved_code.project(tmp_path, "changed")
+    test_approved_code.tamper(folder)
+    fab = test_approved_code.build(folder)
+    sock = Path(f"/tmp/fedhosp-test-{os.getpid()}-{time.monotonic_ns()}.sock")
+    guard = approved_code.arguments(tmp_path / "home", tmp_path / "state", [])
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            "from fedhosp import approved_code as a, warm_clientapp as w; s = a.parser().parse_args(sys.argv[2:]); "
+            "w.preload(['numpy']); "
+            "w.serve(Path(sys.argv[1]), entry='tests.fedhosp.bundle_task:main', guard=lambda: a.install_from(s))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(sock), *guard], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)  # a forked task writes where the zygote does
+    try:
+        while not sock.exists():
+            assert proc.poll() is None, "the zygote did not start"
+            time.sleep(0.05)
+        shim = warm_clientapp.write_shim(tmp_path / "bin", sock, ["/bin/false"])
+        env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+        assert subprocess.run([str(shim), str(fab), "--no-guard"], env=env, cwd=ROOT, timeout=120).returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "refused app bundle" in result["error"] and "client/site.py changed" in result["error"]
 
 
 def test_a_task_that_cannot_start_fails_alone_and_the_zygote_serves_the_next(zygote, tmp_path):
