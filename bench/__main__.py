@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import machine, performance_doc, table
+from bench import load, machine, performance_doc, quality, secagg, table
 from fedhosp import processes
 
 # Arguments per section: (full pass, --quick pass). Full: ~17 minutes on 2 idle cores, plus the venv on a fresh clone.
@@ -38,20 +38,33 @@ SECTIONS: dict[str, tuple[list[str], list[str]]] = {
                    ["--sites", "2", "--rounds", "2", "--images", "60", "--import-repeats", "1"]),
     "scaling": (["--sizes", "10,50,100", "--rounds", "2", "--images", "40"],
                 ["--sizes", "10,100", "--rounds", "2", "--images", "20"]),
+    # BreastMNIST under DP, every recipe x 3 seeds, no new run after 60 min (all of it, by hand: python -m
+    # bench.quality, hours on 2 cores); quick: two recipes, one seed, 2 rounds
+    "quality": (["--seeds", "0,1,2", "--stop-after-min", "60"],
+                ["--seeds", "0", "--recipes", ",".join(quality.QUICK), "--rounds", "2"]),
+    # 20 `fedhosp client`s over mutual TLS, one sending garbage every round (bench/load.py)
+    "load": (["--sites", "20", "--rounds", "3", "--images", "24"],
+             ["--sites", "20", "--rounds", "3", "--images", "24"]),
+    # a SecAgg+ round / a plain round, 5 sites, same model, in-process (bench/secagg.py)
+    "secagg": (["--repeats", "3"], ["--repeats", "2"]),
 }
 TIMEOUT_S = 1800
+SECTION_TIMEOUT_S = {"quality": 3 * 3600}  # its own --stop-after-min ends it first
+table.ROWS.setdefault("quality", quality.rows)
+table.ROWS.setdefault("load", load.rows)  # the section's rows live beside it (bench/quality.py)
+table.ROWS.setdefault("secagg", secagg.rows)
 
 
 def run_section(name: str, args: list[str], folder: Path) -> dict[str, Any]:
     """Run one section in a fresh process; its JSON, or why it failed. Stops whatever it left behind."""
     out, log = folder / f"{name}.json", folder / f"{name}.log"
-    started = time.monotonic()
+    started, timeout = time.monotonic(), SECTION_TIMEOUT_S.get(name, TIMEOUT_S)
     with open(log, "w") as f:
         try:
             code: int | str = subprocess.run([sys.executable, "-m", f"bench.{name}", *args, "--out", str(out)],
-                                             stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT_S).returncode
+                                             stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            code = f"timed out after {TIMEOUT_S}s"
+            code = f"timed out after {timeout}s"
     processes.stop_strays()
     seconds = round(time.monotonic() - started, 1)
     if code == 0 and out.is_file():

@@ -71,6 +71,7 @@ def deploy(root: Path, cfg: RunConfig, sites: int, stock: bool = False) -> dict[
     names = [f"hosp-{i}" for i in range(sites)]
     for name in names:
         keys = certs.site(name, work / name)
+        certs.sign(keys.request, certs.ca_dir(work / "certs"), work / name)  # at the coordinator: mutual TLS
         (work / "pubs" / f"{name}.pub").write_bytes(keys.public.read_bytes())
     fleet, control = processes.free_port(), processes.free_port()
     out = Path(cfg.out_dir)

@@ -2,10 +2,11 @@
 
 It starts a SuperLink (TLS, SuperNode authentication, no runtime installs) bound to
 loopback, nginx on the hospitals' address in front of it (fedhosp/fleet_proxy.py: Fleet
-API only), registers the hospitals' public keys with `flwr supernode register`, submits
-our app with `flwr run --stream`, prints our one line per round from the stream, and
-stops every process it started on the way out. Each Flower command is printed before it
-runs. The SuperLink keeps its state in a SQLite file, so hospitals' SuperNodes keep
+API only, to clients with a certificate from the consortium CA), registers the hospitals'
+public keys with `flwr supernode register`, submits our app with `flwr run --stream`,
+prints our one line per round from the stream, and stops every process it started on
+the way out. Each Flower command is printed before it runs. The SuperLink keeps its
+state in a SQLite file, so hospitals' SuperNodes keep
 their node ids across a coordinator restart and rejoin a `--resume`d run by themselves.
 
 `--sites` is the whole membership, at every start: after registering its keys, every other
@@ -179,11 +180,12 @@ def coordinator_up(opts: ServerOptions, echo: TextIO = sys.stdout) -> Iterator[t
         processes.wait_for_tls(superlink, LOOPBACK, opts.control_port, certs.ca_cert, opts.start_timeout)
         admit(keys, opts.work / REGISTERED, env)  # before hospitals can reach it
         config = opts.work / fleet_proxy.CONFIG
-        config.write_text(fleet_proxy.render(host, port, opts.control_port, certs, opts.work.resolve()))
+        config.write_text(fleet_proxy.render(host, port, opts.control_port, certs, opts.work.resolve(),
+                                             fleet_proxy.run_body_bytes(run_config(opts))))
         proxy = processes.start("nginx", fleet_proxy.command(nginx, config.resolve()), opts.work / "nginx.out", env)
         children.append(proxy)
         processes.wait_for_tls(proxy, LOOPBACK if host in ("0.0.0.0", "::") else host, port, certs.ca_cert,
-                               opts.start_timeout)
+                               opts.start_timeout, client_certificate_required=True)
         print(f"hospitals connect to {host}:{port} (Fleet API only); the Control API stays on "
               f"{LOOPBACK}:{opts.control_port}", file=echo, flush=True)
         yield children, env

@@ -1,4 +1,4 @@
-"""The deployment commands of `fedhosp`: `certs init`, `certs site`, `server`, `client`, `audit show`.
+"""The deployment commands of `fedhosp`: `certs init|site|sign`, `server`, `client`, `audit show`.
 
 Kept apart from fedhosp/cli.py so that the parser stays one screen per concern; the
 handlers import their modules lazily, like the rest of the CLI.
@@ -16,6 +16,7 @@ from common.config import DEVICES
 DEFAULT_LISTEN = "0.0.0.0:9092"
 DEFAULT_CONTROL_PORT = 9093
 DEFAULT_RUNTIME_PORT = 9094
+DEFAULT_TUNNEL_PORT = 9095
 
 
 def add_deploy_commands(sub: Any) -> None:
@@ -27,10 +28,18 @@ def add_deploy_commands(sub: Any) -> None:
     init.add_argument("--server-name", required=True, metavar="HOST[,IP...]",
                       help="every host name and IP address hospitals use to reach the coordinator")
     init.set_defaults(handler=cmd_certs_init)
-    site = certs_sub.add_parser("site", help="create a hospital's key pair (run it at the hospital)")
+    site = certs_sub.add_parser("site", help="create a hospital's key pair and certificate request (run it at the "
+                                             "hospital)")
     site.add_argument("name", metavar="NAME", help="the site's name, e.g. st-marys")
-    site.add_argument("--out", type=Path, required=True, help="the site's own folder: NAME.key stays there")
+    site.add_argument("--out", type=Path, required=True,
+                      help="the site's own folder: NAME.key stays there; NAME.pub and NAME.csr go to the coordinator")
     site.set_defaults(handler=cmd_certs_site)
+    sign = certs_sub.add_parser("sign", help="sign a hospital's NAME.csr: its client certificate (at the coordinator)")
+    sign.add_argument("request", type=Path, metavar="NAME.csr", help="the request `fedhosp certs site` wrote")
+    sign.add_argument("--ca-dir", type=Path, required=True,
+                      help="the CA's own folder (OUT-ca/ from `certs init`: ca.key), kept offline")
+    sign.add_argument("--out", type=Path, required=True, help="folder for NAME.crt (send it back to the hospital)")
+    sign.set_defaults(handler=cmd_certs_sign)
 
     server = sub.add_parser("server", help="coordinate a real federation: SuperLink + TLS + authenticated sites")
     server.add_argument("--certs", type=Path, required=True, help="the folder `fedhosp certs init` wrote")
@@ -60,6 +69,9 @@ def add_deploy_commands(sub: Any) -> None:
     client.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's hospital address")
     client.add_argument("--ca", type=Path, required=True, help="the consortium's ca.crt")
     client.add_argument("--key", type=Path, required=True, help="this site's NAME.key (from `fedhosp certs site`)")
+    client.add_argument("--cert", type=Path, default=None,
+                        help="this site's client certificate, signed by the consortium CA (`fedhosp certs sign`; "
+                             "default: NAME.crt beside --key)")
     client.add_argument("--data", type=Path, required=True, help="this site's data folder")
     client.add_argument("--state", type=Path, default=None,
                         help="this site's state folder: privacy ledger, audit log, cache (default: state/ beside "
@@ -70,8 +82,16 @@ def add_deploy_commands(sub: Any) -> None:
     client.add_argument("--policy", default="", metavar='"KEY=VALUE ..."',
                         help="this site's own privacy floor and resource caps, e.g. \"dp-delta=1e-5 "
                              "max-image-size=512 allow-no-dp=false\" (keys: docs/hospital.md)")
+    client.add_argument("--allow-app", action="append", default=[], metavar="SHA256",
+                        help="also run this app bundle (its digest, as a refusal prints it) after you reviewed it; "
+                             "by default the site runs only the fedhosp code installed here (repeatable)")
     client.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT,
                         help=f"the SuperNode's local Runtime API port on 127.0.0.1 (default {DEFAULT_RUNTIME_PORT})")
+    client.add_argument("--tunnel-port", type=int, default=None,
+                        help="the site tunnel's port on 127.0.0.1, which carries the SuperNode's calls to --server "
+                             f"with the client certificate (default: --runtime-port + 1, {DEFAULT_TUNNEL_PORT})")
+    client.add_argument("--source-address", default=None, metavar="IP",
+                        help="the local address to reach --server from (a host with several; default: any)")
     client.add_argument("--max-wait", type=float, default=None,
                         help="give up after this many seconds without the server (default: keep trying)")
     client.add_argument("--stock-clientapp", action="store_true",
@@ -107,6 +127,16 @@ def cmd_certs_site(args: argparse.Namespace) -> int:
     keys = certs.site(args.name, args.out)
     print(f"private key: {keys.private} (stays here, mode 0600)")
     print(f"public key:  {keys.public} (send it to the coordinator, for `fedhosp server --sites`)")
+    print(f"certificate request: {keys.request} (send it too; the coordinator returns {keys.certificate.name}, "
+          f"which goes beside the key)")
+    return 0
+
+
+def cmd_certs_sign(args: argparse.Namespace) -> int:
+    from fedhosp import certs
+
+    made = certs.sign(args.request, args.ca_dir, args.out)
+    print(f"client certificate: {made} (send it to the hospital: it goes beside {made.stem}.key)")
     return 0
 
 
@@ -142,6 +172,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         hospital.join(hospital.ClientOptions(
             server=args.server, ca=args.ca, key=args.key, data=args.data, state=args.state, device=args.device,
             privacy_budget=budget, policy=parse_overrides(args.policy), runtime_port=args.runtime_port,
+            cert=args.cert, tunnel_port=args.tunnel_port, source_address=args.source_address,
+            allow_apps=tuple(args.allow_app),
             max_wait=args.max_wait, warm=not args.stock_clientapp, short_waits=not args.stock_waits,
             dry_run=args.dry_run,
         ))

@@ -8,6 +8,13 @@ what protects this hospital's patients is set here, never by the coordinator. Ru
 off: the ClientApp runs in this environment, nothing is downloaded at run time.
 Before starting, a TLS handshake checks the CA and the server name, so a wrong CA or
 a plaintext server is reported in one line instead of as endless reconnects.
+
+The coordinator admits only TLS clients with a certificate from the consortium CA (mutual TLS,
+`--cert`, signed with `fedhosp certs sign`), which Flower's SuperNode cannot present: the site's
+tunnel (fedhosp/site_tunnel.py) holds the certificate, and the SuperNode dials the tunnel on
+127.0.0.1 (trusting only a certificate made for this start) with its node-auth key as before.
+The tunnel is started, printed and stopped like every other process of the site, and a
+certificate the coordinator turns away is reported in one line, by the preflight or the tunnel.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import ssl
 import stat
@@ -34,16 +42,15 @@ from common.config import DEVICES, to_toml
 from common.errors import ConfigError, FedhospError
 from common.flower_compat import waits as flower_waits
 from common.flower_compat.cli_output import REFUSED_KEY
-from common.site_policy import POLICY_KEYS, SitePolicy
+from common.site_policy import DEFAULT_PRIVACY_BUDGET, POLICY_KEYS, SitePolicy
 from common.site_state import SiteState
-from fedhosp import processes, warm_clientapp
+from fedhosp import approved_code, certs, processes, site_tunnel, warm_clientapp
 
 FLOWER_HOME, SUPERNODE_LOG = "flwr-home", "supernode.log"  # in the site's state folder (common/site_state.py)
 UMASK = 0o077  # patient-derived data at rest (caches, ledger, replies, logs) readable by the site's user only
-# A site's total ε over every run on its data when the hospital names none: one run at the coordinator's
-# default target (8) and a little more, at the upper end of what DP-SGD studies call meaningful. Spent, the
-# site refuses every further DP round until the hospital raises it on purpose.
-DEFAULT_PRIVACY_BUDGET = 10.0
+
+
+TUNNEL = "site tunnel"  # fedhosp/site_tunnel.py: the SuperNode's way out, with the site's client certificate
 
 
 class SiteRefused(FedhospError):
@@ -60,7 +67,11 @@ class ClientOptions:
     device: str = "auto"
     privacy_budget: float = DEFAULT_PRIVACY_BUDGET
     policy: dict[str, Any] | None = None  # the site's policy keys (common/site_policy.py): `--policy`
+    allow_apps: tuple[str, ...] = ()  # app bundle digests the hospital approved besides its installed code
     runtime_port: int = 9094  # the SuperNode's own Runtime API, on 127.0.0.1
+    cert: Path | None = None  # the site's client certificate (default: NAME.crt beside the key)
+    tunnel_port: int | None = None  # the site tunnel, on 127.0.0.1 (None: runtime_port + 1): the SuperNode's way out
+    source_address: str | None = None  # the local address the tunnel dials the coordinator from (None: any)
     max_wait: float | None = None  # stop trying to reach the server after this many seconds (None: never)
     warm: bool = True  # tasks forked from a process that imported torch & co. once (fedhosp/warm_clientapp.py)
     short_waits: bool = True  # the SuperNode's fixed sleeps shortened (common/flower_compat/waits.py)
@@ -69,6 +80,16 @@ class ClientOptions:
     @property
     def state_dir(self) -> Path:
         return (self.state or self.key.parent / "state").resolve()
+
+    @property
+    def certificate(self) -> Path:
+        return self.cert or certs.site_certificate(self.key)
+
+    @property
+    def tunnel(self) -> int:
+        """The tunnel's port: beside the Runtime API's unless set, so sites given distinct --runtime-port
+        values on one host get distinct tunnels too."""
+        return self.tunnel_port or self.runtime_port + 1
 
 
 def node_config(opts: ClientOptions) -> str:
@@ -79,11 +100,13 @@ def node_config(opts: ClientOptions) -> str:
     return " ".join(f"{k}={v}" for k, v in values.items())
 
 
-def supernode_command(opts: ClientOptions) -> list[str]:
+def supernode_command(opts: ClientOptions, tunnel_cert: Path) -> list[str]:
+    """The SuperNode dials the site tunnel (`tunnel_cert`: the certificate made for this start), which
+    carries its calls to `opts.server` with the site's client certificate."""
     cmd = [
         "flower-supernode",
-        "--superlink", opts.server,
-        "--root-certificates", str(opts.ca.resolve()),
+        "--superlink", f"{site_tunnel.LOOPBACK}:{opts.tunnel}",
+        "--root-certificates", str(tunnel_cert.resolve()),
         "--auth-supernode-private-key", str(opts.key.resolve()),
         "--node-config", node_config(opts),
         "--host", "127.0.0.1", "--port", str(opts.runtime_port),
@@ -106,11 +129,15 @@ def check(opts: ClientOptions) -> None:
         raise ConfigError(f"--privacy-budget must be > 0 (default {DEFAULT_PRIVACY_BUDGET:g}): a hospital's "
                           "total ε over every run on its data")
     check_policy(opts.policy or {})
+    for digest in opts.allow_apps:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ConfigError(f"--allow-app {digest!r}: expected the 64-hex SHA-256 a refusal printed")
     for flag, path in (("--ca", opts.ca), ("--key", opts.key)):
         if not path.is_file():
             raise ConfigError(f"{flag} {path}: no such file")
     if opts.key.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"--key {opts.key} is readable by others: `chmod 600 {opts.key}` (it is the site's identity)")
+    certs.check_site_certificate(opts.certificate, opts.key, opts.ca)
     if not opts.data.is_dir():
         raise ConfigError(f"--data {opts.data}: no such folder; pass the hospital's data folder")
     host, _, port = opts.server.rpartition(":")
@@ -127,14 +154,14 @@ def check_policy(policy: dict[str, Any]) -> SitePolicy:
 
 
 def preflight_tls(opts: ClientOptions, timeout: float = 10.0) -> bool:
-    """Handshake once with the CA; True if the server answered, False if it is not up yet."""
-    host, _, port = opts.server.rpartition(":")
-    host = host.strip("[]")
-    context = ssl.create_default_context(cafile=str(opts.ca))
+    """Handshake once with the CA and the site's certificate, and ask for nothing (a 404 from the proxy);
+    True if the server answered, False if it is not up yet."""
+    upstream = site_tunnel.Upstream.parse(opts.server)
+    context = site_tunnel.client_context(opts.ca, opts.certificate, opts.key)
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as raw, \
-                context.wrap_socket(raw, server_hostname=host):
-            return True
+        return site_tunnel.probe(upstream, context, opts.certificate, timeout, opts.source_address)
+    except site_tunnel.Refused as exc:
+        raise SiteRefused(str(exc)) from None
     except ssl.SSLCertVerificationError as exc:
         raise SiteRefused(f"TLS: the server at {opts.server} is not trusted with --ca {opts.ca} "
                           f"({exc.verify_message}): ask the coordinator for the consortium's ca.crt and the "
@@ -142,22 +169,27 @@ def preflight_tls(opts: ClientOptions, timeout: float = 10.0) -> bool:
     except ssl.SSLError as exc:
         raise SiteRefused(f"TLS: no TLS handshake with {opts.server} ({exc.reason}): is it the coordinator's "
                           "hospital address (fedhosp server --listen)?") from None
-    except OSError:
-        return False
 
 
 def plan(opts: ClientOptions, home: Path, warm_dir: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     """The environment and the commands, in start order, that run this site: what `join` prints and runs.
-    With the zygote (a workaround: only while `common.flower_compat.enabled()`), its `flwr-clientapp` shim in
-    `warm_dir` comes first on the SuperNode's PATH."""
+    A `flwr-clientapp` shim in `warm_dir` comes first on the SuperNode's PATH: every task runs behind the
+    site's approved-code guard (fedhosp/approved_code.py), forked from the zygote when there is one (a
+    workaround: only while `common.flower_compat.enabled()`)."""
     env = processes.flower_env(home.resolve())
     commands: dict[str, list[str]] = {}
-    if opts.warm and flower_compat.enabled():
-        socket_path = warm_dir / warm_clientapp.SOCKET_NAME
-        warm_clientapp.write_shim(warm_dir, socket_path)
-        env["PATH"] = str(warm_dir) + os.pathsep + env["PATH"]
-        commands["clientapp zygote"] = warm_clientapp.command(socket_path)
-    commands["SuperNode"] = launch_command(opts, supernode_command(opts))
+    guard = approved_code.arguments(home.resolve(), opts.state_dir, opts.allow_apps)
+    warm = opts.warm and flower_compat.enabled()
+    socket_path = warm_dir / warm_clientapp.SOCKET_NAME if warm else None
+    # Every task Flower starts is this shim: the zygote's fork, or Flower's clientapp behind the site's guard.
+    warm_clientapp.write_shim(warm_dir, socket_path, warm_clientapp.guarded(guard))
+    env["PATH"] = str(warm_dir) + os.pathsep + env["PATH"]
+    if socket_path is not None:
+        commands["clientapp zygote"] = warm_clientapp.command(socket_path, guard)
+    loopback = site_tunnel.loopback_pair(warm_dir)  # this start's own: the SuperNode trusts it alone
+    commands[TUNNEL] = site_tunnel.command(opts.tunnel, loopback, opts.server, opts.ca, opts.certificate,
+                                           opts.key, opts.source_address)
+    commands["SuperNode"] = launch_command(opts, supernode_command(opts, loopback[0]))
     return env, commands
 
 
@@ -197,26 +229,49 @@ def _run(opts: ClientOptions, home: Path, echo: TextIO) -> None:
             tempfile.TemporaryDirectory(prefix="fedhosp-warm-") as warm_dir:  # 0700; a short UNIX socket path
         env, commands = plan(opts, home, Path(warm_dir))
         _show(env, commands)
-        children = [_start(name, cmd, env, log_path, full, echo, lines, pumps) for name, cmd in commands.items()]
-        supernode = children[-1]
+        children = []
+        for name, cmd in commands.items():
+            children.append(_start(name, cmd, env, log_path, full, echo, lines, pumps))
+            if name == TUNNEL:  # listening before the SuperNode first dials it
+                _wait_listening(children[-1], opts.tunnel)
+        supernode, tunnel = children[-1], children[list(commands).index(TUNNEL)]
         try:
             # Wait for the SuperNode itself, not for end of output: its SuperExec inherits the pipe
             # and may outlive it. Track its children while it lives, to stop them all afterwards.
-            while supernode.alive():
+            # Without its tunnel the SuperNode cannot reach anyone: stop when the tunnel fails.
+            while supernode.alive() and (tunnel.alive() or tunnel.popen.returncode == 0):
                 for child in children:
                     child.refresh()
                 time.sleep(0.2)
+            tunnel_failed = supernode.alive()
         finally:
             for child in reversed(children):
                 processes.stop(child)
         for pump in pumps:
             pump.join(timeout=2)
+    said = [line.strip() for line in lines if line.startswith(site_tunnel.PREFIX)]
+    if tunnel_failed:
+        raise SiteRefused(f"the site tunnel stopped with status {tunnel.popen.returncode}: "
+                          f"{said[-1] if said else 'see ' + str(log_path)}")
     refused = any(REFUSED_KEY in line for line in lines)
     if refused:
         raise SiteRefused(f"the coordinator refused this site's key ({opts.key.name}): it is not registered; send "
                           f"{opts.key.with_suffix('.pub').name} to the coordinator (fedhosp server --sites)")
     if supernode.popen.returncode not in (0, None, -2, 130):
-        raise SiteRefused(f"the SuperNode stopped with status {supernode.popen.returncode}; see {log_path}")
+        tls = [line for line in said if "TLS" in line]
+        raise SiteRefused(tls[-1].removeprefix(site_tunnel.PREFIX) if tls else
+                          f"the SuperNode stopped with status {supernode.popen.returncode}; see {log_path}")
+
+
+def _wait_listening(child: processes.Child, port: int, timeout: float = 15.0) -> None:
+    """Until something accepts on 127.0.0.1:`port`, `child` exits, or `timeout` passes (the SuperNode retries)."""
+    deadline = time.monotonic() + timeout
+    while child.alive() and time.monotonic() < deadline:
+        try:
+            socket.create_connection((site_tunnel.LOOPBACK, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def _show(env: dict[str, str], commands: dict[str, list[str]]) -> None:

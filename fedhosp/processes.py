@@ -125,8 +125,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_tls(child: Child, host: str, port: int, ca: Path, timeout: float) -> None:
-    """Until `host:port` completes a TLS handshake that `ca` verifies; fail early if `child` died."""
+def wait_for_tls(child: Child, host: str, port: int, ca: Path, timeout: float, *,
+                 client_certificate_required: bool = False) -> None:
+    """Until `host:port` completes a TLS handshake that `ca` verifies; fail early if `child` died.
+    `client_certificate_required`: the server (nginx, mutual TLS) ends the handshake of a client without a
+    certificate, as this one is; its refusal, which comes after its own certificate verified, counts as up."""
     context = ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + timeout
     while True:
@@ -135,9 +138,21 @@ def wait_for_tls(child: Child, host: str, port: int, ca: Path, timeout: float) -
                              f"({child.log}) ends:\n{child.tail()}")
         try:
             with socket.create_connection((host, port), timeout=2) as raw, \
-                    context.wrap_socket(raw, server_hostname=host):
+                    context.wrap_socket(raw, server_hostname=host) as tls:
+                if client_certificate_required:
+                    tls.sendall(b"\r\n")  # TLS 1.3: the refusal arrives with the first read
+                    with contextlib.suppress(TimeoutError):  # nothing: it took us, and waits for a request
+                        tls.recv(1)
                 return
-        except (OSError, ssl.SSLError):
+        except ssl.SSLError as exc:
+            if client_certificate_required and not isinstance(exc, ssl.SSLCertVerificationError) and \
+                    any(a in str(exc.reason) for a in ("ALERT_HANDSHAKE_FAILURE", "ALERT_CERTIFICATE_REQUIRED")):
+                return
+            if time.monotonic() > deadline:
+                raise StartError(f"{child.name} did not complete a TLS handshake on {host}:{port} within "
+                                 f"{timeout:g}s ({exc.reason}); see {child.log}") from None
+            time.sleep(0.5)
+        except OSError:
             if time.monotonic() > deadline:
                 raise StartError(f"{child.name} did not answer on {host}:{port} within {timeout:g}s; "
                                  f"see {child.log}") from None

@@ -9,6 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from common.errors import ConfigError
 from fedhosp import certs
@@ -111,3 +112,65 @@ def test_cli_certs_commands(tmp_path, capsys):
     assert "ca.crt" in out and "hosp-a.pub" in out
     assert main(["certs", "site", "hosp-a", "--out", str(tmp_path / "hosp-a")]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_a_site_request_signed_at_the_coordinator_is_a_client_certificate_of_the_sites_own_key(tmp_path, capsys):
+    made = certs.init(tmp_path / "certs", ["fl.example.org"])
+    assert (tmp_path / "certs-ca" / "ca.crt").read_bytes() == made.ca_cert.read_bytes()  # `sign` needs only OUT-ca/
+    assert main(["certs", "site", "hosp-a", "--out", str(tmp_path / "hosp-a")]) == 0
+    site = tmp_path / "hosp-a"
+    assert "hosp-a.csr" in capsys.readouterr().out
+    assert _mode(site / "hosp-a.key") == 0o600 and sorted(p.name for p in site.iterdir()) == [
+        "hosp-a.csr", "hosp-a.key", "hosp-a.pub"]
+    request = x509.load_pem_x509_csr((site / "hosp-a.csr").read_bytes())
+    private = load_ssh_private_key((site / "hosp-a.key").read_bytes(), password=None)
+    assert request.is_signature_valid and request.public_key() == private.public_key()  # the node-auth key itself
+    # at the coordinator: only the .csr travels; the CA folder signs it
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "hosp-a.csr").write_bytes((site / "hosp-a.csr").read_bytes())
+    assert main(["certs", "sign", str(tmp_path / "inbox" / "hosp-a.csr"), "--ca-dir", str(tmp_path / "certs-ca"),
+                 "--out", str(tmp_path / "outbox")]) == 0
+    crt = tmp_path / "outbox" / "hosp-a.crt"
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(made.ca_cert.read_bytes()))
+    assert cert.public_key() == private.public_key()
+    assert cert.subject.rfc4514_string() == "CN=hosp-a"
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]  # a client certificate: useless as a server's
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    (site / "hosp-a.crt").write_bytes(crt.read_bytes())
+    assert certs.check_site_certificate(site / "hosp-a.crt", site / "hosp-a.key", made.ca_cert) == cert
+    assert main(["certs", "sign", str(tmp_path / "inbox" / "hosp-a.csr"), "--ca-dir", str(tmp_path / "certs-ca"),
+                 "--out", str(tmp_path / "outbox")]) == 2  # never overwritten
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_only_the_consortium_ca_signs_and_a_site_checks_its_certificate_before_it_starts(tmp_path):
+    made = certs.init(tmp_path / "certs", ["fl"])
+    certs.init(tmp_path / "other", ["fl"])  # another CA, with the same name
+    keys = certs.site("hosp-a", tmp_path / "hosp-a")
+    with pytest.raises(ConfigError, match=r"no ca\.key"):
+        certs.sign(keys.request, tmp_path / "certs", tmp_path / "x")  # the server's folder cannot sign
+    forged = certs.sign(keys.request, tmp_path / "other-ca", tmp_path / "forged")
+    with pytest.raises(ConfigError, match="not signed by the consortium CA"):
+        certs.check_site_certificate(forged, keys.private, made.ca_cert)
+    good = certs.sign(keys.request, tmp_path / "certs-ca", tmp_path / "hosp-a")
+    other = certs.site("hosp-b", tmp_path / "hosp-b")
+    with pytest.raises(ConfigError, match="was not issued for --key"):
+        certs.check_site_certificate(good, other.private, made.ca_cert)
+    with pytest.raises(ConfigError, match="certs sign"):
+        certs.check_site_certificate(tmp_path / "hosp-b" / "hosp-b.crt", other.private, made.ca_cert)  # none yet
+    renamed = tmp_path / "hosp-c.csr"
+    renamed.write_bytes(other.request.read_bytes())
+    with pytest.raises(ConfigError, match="asks for a certificate named 'hosp-b'"):
+        certs.sign(renamed, tmp_path / "certs-ca", tmp_path / "x")
+    tampered = tmp_path / "t" / "hosp-b.csr"
+    tampered.parent.mkdir()
+    text = other.request.read_text().splitlines()
+    body = "".join(text[1:-1])
+    for at in (60, len(body) - 12):  # in the key, in the signature
+        flipped = body[:at] + ("A" if body[at] != "A" else "B") + body[at + 1:]
+        tampered.write_text("\n".join([text[0], *[flipped[i:i + 64] for i in range(0, len(flipped), 64)], text[-1]]))
+        with pytest.raises(ConfigError, match=r"signature does not match|not a PEM"):
+            certs.sign(tampered, tmp_path / "certs-ca", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

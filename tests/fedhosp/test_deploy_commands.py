@@ -10,7 +10,8 @@ import pytest
 from common.config import RunConfig, SiteConfig
 from common.errors import ConfigError
 from common.site_policy import SitePolicy, split_node_config
-from fedhosp import certs, coordinator, fleet_proxy, hospital
+from fedhosp import certs, coordinator, fleet_proxy, hospital, site_tunnel
+from tests.fedhosp import provision
 from tests.flower_probes import parse_config_args, superlink_parser, supernode_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,11 +76,14 @@ def test_sites_folder_must_hold_public_keys_only(tmp_path):
 def test_supernode_gets_tls_auth_and_the_site_config(tmp_path):
     keys = certs.site("hosp-a", tmp_path / "site a")
     opts = hospital.ClientOptions(server="fl.example.org:9092", ca=tmp_path / "ca.crt", key=keys.private,
-                                  data=tmp_path / "dicom data", device="cpu", privacy_budget=6.5, runtime_port=9200)
-    cmd = hospital.supernode_command(opts)
+                                  data=tmp_path / "dicom data", device="cpu", privacy_budget=6.5, runtime_port=9200,
+                                  tunnel_port=9201)
+    loopback = site_tunnel.loopback_pair(tmp_path / "start")
+    cmd = hospital.supernode_command(opts, loopback[0])
     args = supernode_parser().parse_args(cmd[1:])
-    assert args.superlink == "fl.example.org:9092" and not args.insecure
-    assert Path(args.root_certificates).name == "ca.crt"
+    # TLS with node auth, to the site's tunnel, which alone it trusts; the tunnel dials the coordinator
+    assert args.superlink == "127.0.0.1:9201" and not args.insecure
+    assert Path(args.root_certificates) == loopback[0].resolve()
     assert Path(args.auth_supernode_private_key) == keys.private.resolve()
     assert (args.host, args.port, args.runtime_dependency_install) == ("127.0.0.1", 9200, False)
     site = SiteConfig.from_mapping(parse_config_args([args.node_config]))  # what the ClientApp will read
@@ -89,10 +93,10 @@ def test_supernode_gets_tls_auth_and_the_site_config(tmp_path):
 
 
 def test_the_sites_policy_travels_in_its_node_config_and_a_budget_is_always_set(tmp_path):
-    keys = certs.site("hosp-a", tmp_path / "site")
-    (tmp_path / "ca.crt").write_text("x")
+    made = certs.init(tmp_path / "certs", ["h"])
+    keys = provision.site("hosp-a", tmp_path / "site", tmp_path / "certs")
     (tmp_path / "data").mkdir()
-    opts = hospital.ClientOptions(server="h:1", ca=tmp_path / "ca.crt", key=keys.private, data=tmp_path / "data",
+    opts = hospital.ClientOptions(server="h:1", ca=made.ca_cert, key=keys.private, data=tmp_path / "data",
                                   policy={"dp-delta": 1e-5, "max-image-size": 64, "allow-no-dp": True})
     hospital.check(opts)
     node = parse_config_args([hospital.node_config(opts)])
@@ -108,21 +112,26 @@ def test_the_sites_policy_travels_in_its_node_config_and_a_budget_is_always_set(
 
 
 def test_client_checks_its_inputs_before_starting_anything(tmp_path):
-    keys = certs.site("hosp-a", tmp_path)
-    (tmp_path / "ca.crt").write_text("x")
+    certs.init(tmp_path / "certs", ["h"])
+    keys = provision.site("hosp-a", tmp_path, tmp_path / "certs")
     (tmp_path / "data").mkdir()
-    opts = hospital.ClientOptions(server="h:1", ca=tmp_path / "ca.crt", key=keys.private, data=tmp_path / "data")
+    opts = hospital.ClientOptions(server="h:1", ca=tmp_path / "certs" / "ca.crt", key=keys.private,
+                                  data=tmp_path / "data")
     hospital.check(opts)
+    assert opts.certificate == tmp_path / "hosp-a.crt"  # --cert: NAME.crt beside the key by default
+    (tmp_path / "hosp-a.crt").rename(tmp_path / "elsewhere.crt")
+    with pytest.raises(ConfigError, match="certs sign"):
+        hospital.check(opts)
+    hospital.check(replace(opts, cert=tmp_path / "elsewhere.crt"))
+    (tmp_path / "elsewhere.crt").rename(tmp_path / "hosp-a.crt")
     os.chmod(keys.private, 0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         hospital.check(opts)
     os.chmod(keys.private, 0o600)
     with pytest.raises(ConfigError, match="no such folder"):
-        hospital.check(hospital.ClientOptions(server="h:1", ca=tmp_path / "ca.crt", key=keys.private,
-                                              data=tmp_path / "nope"))
+        hospital.check(replace(opts, data=tmp_path / "nope"))
     with pytest.raises(ConfigError, match="HOST:PORT"):
-        hospital.check(hospital.ClientOptions(server="h", ca=tmp_path / "ca.crt", key=keys.private,
-                                              data=tmp_path / "data"))
+        hospital.check(replace(opts, server="h"))
 
 
 def test_proxy_config_forwards_only_the_fleet_api(tmp_path):

@@ -3,12 +3,17 @@
 One scenario, as a coordinator and three hospitals would live it: the server is stopped
 (SIGTERM, as `docker stop` does) after round 1; `--resume` continues at round 2 while one
 hospital's SuperNode is killed in the middle of round 2; the run still finishes round 3
-with the other two. Every Flower process started on the way is gone at the end.
+with the other two. Every Flower process started on the way is gone at the end. Mutual TLS is
+on throughout: each hospital reaches nginx through its site tunnel with its signed certificate, and
+a SuperNode dialling the hospitals' address itself (with a registered key, but no certificate) is
+turned away at the TLS handshake.
 """
 
 import json
 import os
 import signal
+import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -23,6 +28,7 @@ from common.data.synthetic import write_hospitals
 from fedhosp import certs, processes
 from server import checkpoint, runlog
 from tests import leftovers
+from tests.fedhosp import provision
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +59,7 @@ def deployment(tmp_path):
     certs.init(tmp_path / "certs", ["localhost"])
     (tmp_path / "pubs").mkdir()
     for name in SITES:
-        keys = certs.site(name, tmp_path / name)
+        keys = provision.site(name, tmp_path / name, tmp_path / "certs")
         (tmp_path / "pubs" / f"{name}.pub").write_bytes(keys.public.read_bytes())
     write_hospitals(tmp_path / "data", num_sites=3, seed=5, images_per_site=60)
     started: list[subprocess.Popen] = []
@@ -67,6 +73,25 @@ def deployment(tmp_path):
     assert not left, f"Flower processes outlived the test: {names}"
 
 
+# A SuperNode on its own (no tunnel, so no client certificate) with hosp-a's registered key, as Flower
+# ships it: it must not get in. Run as a child subreaper (provision.CONTAIN) so that its SuperExec stops too.
+
+
+def _refused_without_a_certificate(base, fleet, env):
+    context = ssl.create_default_context(cafile=str(base / "certs" / "ca.crt"))
+    with socket.create_connection(("127.0.0.1", fleet), timeout=20) as raw, \
+            pytest.raises(ssl.SSLError, match=r"ALERT_CERTIFICATE_REQUIRED|ALERT_HANDSHAKE_FAILURE"), \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        tls.recv(1)
+    cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{fleet}", "--root-certificates",
+           str(base / "certs" / "ca.crt"), "--auth-supernode-private-key", str(base / "hosp-a" / "hosp-a.key"),
+           "--max-retries", "1", "--port", str(processes.free_port())]
+    done = subprocess.run([sys.executable, "-c", provision.CONTAIN, *cmd],
+                          env=processes.flower_env(base / "alone", env), capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0 and "Exit Code: 305" in done.stdout + done.stderr, (done.stdout + done.stderr)[-2000:]
+
+
 def test_three_hospitals_stop_resume_and_a_dropout(deployment):
     base, env, started = deployment
     fleet, control = processes.free_port(), processes.free_port()
@@ -78,6 +103,9 @@ def test_three_hospitals_stop_resume_and_a_dropout(deployment):
     # Round 1 waits for all three hospitals; the resumed run goes on with two once hosp-c is gone.
     server = _fedhosp([*server_args, "--min-sites", "3"], base / "server-1.log", env)
     started.append(server)
+    # While the run waits for its three hospitals: no certificate, no Flower (and no race with round 2)
+    _wait_for(base / "server-1.log", "$ flwr run ", server)
+    _refused_without_a_certificate(base, fleet, env)
     clients = {}
     for i, name in enumerate(SITES):
         clients[name] = _fedhosp(["client", "--server", f"127.0.0.1:{fleet}", "--ca", str(base / "certs" / "ca.crt"),
@@ -97,6 +125,11 @@ def test_three_hospitals_stop_resume_and_a_dropout(deployment):
     for command in ("$ flower-superlink ", "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                     "$ flwr supernode register ", "$ flwr run ", "nginx -c "):
         assert command in log1, command
+    for name in SITES:  # each SuperNode went through its site tunnel, with its certificate
+        site_log = (base / f"{name}.log").read_text()
+        assert " -m fedhosp.site_tunnel " in site_log and f"(client certificate {name}.crt)" in site_log
+    access = (base / "run" / "coordinator" / "nginx-access.log").read_text().splitlines()
+    assert access and {line.split('"')[1] for line in access} == {f"CN={n}" for n in SITES}  # none without one
 
     # phase 2: --resume; hosp-c's SuperNode dies in the middle of round 2 (the stopped run may already
     # have sent it round 2's train message: count only what arrives from the resumed run)
@@ -139,6 +172,8 @@ def test_three_hospitals_stop_resume_and_a_dropout(deployment):
             if line["event"] == "train":
                 runs.setdefault(line["run-id"], []).append(line["round"])
         assert any(list(runs.values())[:len(rounds)] == rounds for rounds in expected), runs
+        verdicts = {line["app-decision"] for line in lines if line["event"] == "app"}
+        assert verdicts == {"installed"}  # every task behind the site's guard, on the hospital's own code
     for name in SITES:  # patient-derived data at rest: nothing of a site's readable by another user
         state = base / name / "state"
         shared = [p for p in [state, *state.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o077]

@@ -68,6 +68,14 @@ def test_provisioning_names_the_server_and_keeps_private_keys_at_their_site():
         assert own == [f"{name}-site", f"{name}-data"], own  # its own key and data, no one else's
         assert _args(name).key.name == f"{name}.key"
     assert not any(m.startswith("hosp-") for m in mounts["server"])  # public keys only, via `pubs`
+    # each hospital's client certificate: its own request, signed with the CA folder, beside its key
+    provision = {v.split(":")[1]: v.split(":")[0] for v in SERVICES["provision"]["volumes"]}
+    signs = [shlex.split(c.replace("$$i", "0")) for c in commands if c.startswith("fedhosp certs sign")]
+    assert len(signs) == 1
+    sign = build_parser().parse_args(signs[0][1:])
+    assert provision[str(sign.ca_dir)] == "ca-key" and provision[str(sign.out)] == "hosp-0-site"
+    assert sign.request == sign.out / "hosp-0.csr"
+    assert certs.site_certificate(_args("hosp-0").key).name == "hosp-0.crt"  # where `fedhosp client` looks
     declared = set(COMPOSE["volumes"])
     assert all(m in declared for ms in mounts.values() for m in ms)
 

@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
+from common import flower_compat
 from fedhosp import certs, hospital, processes
+from tests.fedhosp import provision
 
 
 def _replay(printed: str) -> tuple[dict[str, str], list[list[str]]]:
@@ -31,11 +33,11 @@ def _replay(printed: str) -> tuple[dict[str, str], list[list[str]]]:
 @pytest.fixture
 def site(tmp_path):
     certs.init(tmp_path / "certs", ["localhost"])
-    keys = certs.site("hosp-a", tmp_path / "site")
+    keys = provision.site("hosp-a", tmp_path / "site", tmp_path / "certs")
     (tmp_path / "data").mkdir()
     return hospital.ClientOptions(server=f"127.0.0.1:{processes.free_port()}", ca=tmp_path / "certs" / "ca.crt",
                                   key=keys.private, data=tmp_path / "data", device="cpu",
-                                  runtime_port=processes.free_port())
+                                  runtime_port=processes.free_port(), tunnel_port=processes.free_port())
 
 
 @pytest.fixture
@@ -52,16 +54,36 @@ def started(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("warm", [True, False], ids=["zygote", "stock-clientapp"])
-def test_the_printed_environment_and_commands_are_the_ones_started(site, started, capsys, warm):
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize(("warm", "compat"), [(True, True), (False, True), (True, False)],
+                         ids=["zygote", "stock-clientapp", "flower-workarounds-off"])
+def test_the_printed_environment_and_commands_are_the_ones_started(site, started, capsys, monkeypatch, warm, compat):
+    if not compat:
+        monkeypatch.setattr(flower_compat, "enabled", lambda: False)
     hospital.join(hospital.ClientOptions(**{**site.__dict__, "warm": warm}))
     env, commands = _replay(capsys.readouterr().out)
     assert commands == [argv for argv, _ in started]
     assert all(started_env == env for _, started_env in started)
-    assert len(commands) == (2 if warm else 1) and commands[-1][3] == "flower-supernode"
+    zygote = warm and compat
+    assert len(commands) == (3 if zygote else 2)
+    supernode, tunnel = commands[-1], commands[-2]
+    assert "flower-supernode" in (supernode[0], supernode[3])  # as Flower ships it, or behind our shorter waits
+    assert (supernode[0] == "flower-supernode") == (not compat)
+    # The SuperNode dials the site tunnel, trusting only this start's loopback certificate; the tunnel
+    # dials the coordinator with the site's client certificate and trusts only the consortium CA.
+    assert tunnel[1:3] == ["-m", "fedhosp.site_tunnel"]
+    assert _flag(supernode, "--superlink") == _flag(tunnel, "--listen") == f"127.0.0.1:{site.tunnel_port}"
+    assert _flag(supernode, "--root-certificates") == _flag(tunnel, "--loopback-cert")
+    assert (_flag(tunnel, "--server"), _flag(tunnel, "--ca")) == (site.server, str(site.ca.resolve()))
+    assert _flag(tunnel, "--cert") == str(site.key.with_suffix(".crt").resolve())
+    assert _flag(supernode, "--auth-supernode-private-key") == _flag(tunnel, "--key") == str(site.key.resolve())
     assert env["UMASK"] == "077"  # every process of the site writes files its user only can read
-    if warm:  # the SuperNode finds the zygote's shim before Flower's own flwr-clientapp
-        assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(commands[0][-1])  # its socket's folder
+    if zygote:  # the SuperNode finds the zygote's shim before Flower's own flwr-clientapp
+        # in this start's private folder, with the tunnel's certificate
+        assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(_flag(tunnel, "--loopback-cert"))
 
 
 def test_dry_run_prints_the_same_and_starts_nothing(site, started, capsys):
@@ -70,5 +92,6 @@ def test_dry_run_prints_the_same_and_starts_nothing(site, started, capsys):
     assert not started and not site.state_dir.exists()  # nothing started, nothing of the site's written
     hospital.join(site)
     real = capsys.readouterr().out
-    warm_dirs = [os.path.dirname(_replay(out)[1][0][-1]) for out in (real, dry)]  # a fresh private folder each
+    # a fresh private folder each (the shim, the tunnel's certificate)
+    warm_dirs = [os.path.dirname(_flag(_replay(out)[1][-2], "--loopback-cert")) for out in (real, dry)]
     assert _replay(dry.replace(warm_dirs[1], warm_dirs[0])) == _replay(real)
