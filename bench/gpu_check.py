@@ -58,6 +58,11 @@ class Row:
         return self.dp_ms / self.plain_ms if self.dp_ms and self.plain_ms else None
 
 
+# --quick: one model of each kind (from scratch, U-Net, torchvision backbone, scattering); a full check
+# takes every registry model, the torchvision ones minutes each on a CPU
+QUICK_MODELS = ("cnn", "unet", "resnet18", "scatter-linear")
+
+
 def exact_float32() -> None:
     """Full float32 on the GPU, as on CPU: TF32 would make the comparison a test of rounding."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -160,7 +165,8 @@ def render(rows: list[Row], device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="CPU as the device (no GPU needed): tests this script")
-    parser.add_argument("--quick", action="store_true", help="small batches, one simulated round")
+    parser.add_argument("--quick", action="store_true",
+                        help="small batches, one model per family (QUICK_MODELS), one simulated round")
     parser.add_argument("--keep", type=Path, default=None, help="keep the simulation's output here")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu" if args.cpu else "cuda")
     exact_float32()
-    rows = [row for name in REGISTRY for row in check_model(name, device, args.quick)]
+    names = QUICK_MODELS if args.quick else tuple(REGISTRY)
+    rows = [row for name in names for row in check_model(name, device, args.quick)]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         out = args.keep or Path(tmp) / "simulate"
         rows.append(check_simulation(0.0 if args.cpu else GPUS_PER_SITE, args.quick, out))

@@ -215,14 +215,11 @@ def two(tmp_path_factory):
 
 def test_a_site_claiming_a_huge_count_weighs_no_more_than_max_site_weight(two, tmp_path):
     """Site 1 trains honestly but claims 10^8 examples (under the schema's bound, so not rejected). With
-    max-site-weight = 1 the run is exactly the honest uniform run, and as accurate as the clean run;
-    uncapped, the lie moves the model."""
+    max-site-weight = 1 the run is exactly the honest uniform run; uncapped, the lie moves the model."""
     root, clean = two
     claim = hostile(_set(num_examples=10**8), pid=1)
     capped = _run(root / "data", tmp_path / "capped", 2, claim, **TWO, **{"max-site-weight": 1})
     assert _same_weights(_weights(capped), clean["uniform"][0])
-    accuracy = runlog.read(capped / runlog.RUN_LOG)[-1]["evaluate"]["accuracy"]
-    assert abs(accuracy - clean["clean"][1][-1]["evaluate"]["accuracy"]) <= 0.01
     uncapped = _run(root / "data", tmp_path / "uncapped", 2, claim, **TWO, **{"max-site-weight": 10**9})
     assert not _same_weights(_weights(uncapped), clean["clean"][0])
 

@@ -121,7 +121,9 @@ def test_report_compares_federated_with_pooled_and_local_on_the_test_split(cli_r
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(r["test_accuracy"] and r["site_worst"] for r in rows)
     table = [line for line in proc.stderr.splitlines() if line.startswith(("federated", "pooled", "local-only"))]
-    assert [line.split()[0] for line in table] == ["federated", "pooled", "local-only"]
+    # the three rows, then the federated model at the threshold its sites' validation chose
+    assert [line.split()[0] for line in table[:3]] == ["federated", "pooled", "local-only"]
+    assert all(line.startswith("federated at threshold ") for line in table[3:])
     assert "peak memory of the process tree" in proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"results: {out / 'results.json'}"
 
@@ -132,7 +134,7 @@ def test_plots_are_pngs_and_show_the_baselines(cli_run, tmp_path):
     for name in ("curves.png", "sites.png", "privacy.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     results = json.loads((out / "results.json").read_text())
-    shown = ("accuracy", "auc")
+    shown = report.METRICS["classification"]
     report.plot_curves(results["rounds"], tmp_path / "without.png", shown, 16.0, None)
     report.plot_curves(results["rounds"], tmp_path / "with.png", shown, 16.0, results["baselines"])
     assert (tmp_path / "with.png").read_bytes() != (tmp_path / "without.png").read_bytes()

@@ -37,9 +37,13 @@ def test_the_switch_closes_it(monkeypatch, value):
 
 def test_a_closed_gate_starts_flowers_own_supernode_and_no_zygote(monkeypatch, opts, tmp_path):
     env, commands = hospital.plan(opts, tmp_path / "home", tmp_path / "warm")
-    assert list(commands) == ["clientapp zygote", "SuperNode"] and commands["SuperNode"][0] == sys.executable
+    assert list(commands) == ["clientapp zygote", hospital.TUNNEL, "SuperNode"]
+    assert commands["SuperNode"][0] == sys.executable
     assert env["PATH"].startswith(str(tmp_path / "warm"))
     monkeypatch.setenv(flower_compat.SWITCH, "off")
     env, commands = hospital.plan(opts, tmp_path / "home", tmp_path / "warm2")
-    assert list(commands) == ["SuperNode"] and commands["SuperNode"] == hospital.supernode_command(opts)
-    assert str(tmp_path / "warm2") not in env["PATH"]
+    assert list(commands) == [hospital.TUNNEL, "SuperNode"]  # no zygote; the tunnel is not a workaround
+    assert commands["SuperNode"][0] == "flower-supernode"  # Flower's own, without the shorter waits
+    # still every task behind the site's approved-code guard: the shim's fallback, first on PATH
+    assert env["PATH"].startswith(str(tmp_path / "warm2"))
+    assert "fedhosp.approved_code" in (tmp_path / "warm2" / "flwr-clientapp").read_text()

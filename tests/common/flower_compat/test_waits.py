@@ -139,7 +139,7 @@ def test_another_flower_version_runs_as_shipped(monkeypatch, flower_defaults):
 def test_the_site_starts_flowers_own_supernode_behind_the_shorter_waits(tmp_path):
     opts = hospital.ClientOptions(server="fl.example.org:9092", ca=tmp_path / "ca.crt", key=tmp_path / "k.key",
                                   data=tmp_path)
-    cmd = hospital.supernode_command(opts)
+    cmd = hospital.supernode_command(opts, tmp_path / "tunnel.crt")
     launched = hospital.launch_command(opts, cmd)
     assert launched[:3] == [sys.executable, "-m", "common.flower_compat.waits"] and launched[3:] == cmd
     stock = hospital.launch_command(hospital.ClientOptions(**{**opts.__dict__, "short_waits": False}), cmd)
