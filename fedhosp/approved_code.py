@@ -33,8 +33,6 @@ from common import app_bundle
 from common.flower_compat import clientapp as flower_clientapp
 from common.site_state import SiteState
 
-OURS = frozenset({"client", "common", "server", "simulation", "fedhosp", "bench", "tests"})
-APPS = "apps"  # Flower installs bundles in <Flower home>/apps/
 AUDIT_LOG = "audit.jsonl"  # client/audit.py's file, in the site's state folder
 
 
@@ -47,7 +45,7 @@ class Guard(importlib.abc.MetaPathFinder):
 
     def __init__(self, flower_home: Path, state: SiteState | None, approved: Sequence[str] = (),
                  bundles: ModuleType = app_bundle) -> None:
-        self.apps = (flower_home / APPS).resolve()
+        self.apps = (flower_home / flower_clientapp.APPS).resolve()
         self.bundles = bundles  # the common.app_bundle the ClientApp will import: it reads the verdict there
         self.state = state
         self.approved = tuple(a.lower() for a in approved)

@@ -29,6 +29,8 @@ Needed to work at all (no switch; their tests fail loudly on another version):
 - `cli_output.py`: the run id in `flwr run`'s output and the shape of Flower's log lines.
   Upstream: `flwr run --format json` that streams.
 - `logs.py`: `flwr.supercore.logger.update_console_handler`, to quiet Flower's console.
+- `clientapp.py` `APPS`: Flower's bundle folder under its home (`apps/`, `flwr.common.constant.APP_DIR`),
+  which the site's approved-code guard watches. Upstream: a hook to approve a FAB before it is loaded.
 - `clientapp.py` `task_identity()`: `flwr.supercore.task_identity.TaskIdentity`'s run and node
   id in a clientapp process, to label the site's approved-code audit line (fedhosp/approved_code.py);
   None when absent. Upstream: the run's FAB hash and ids in the ClientApp's `Context`.

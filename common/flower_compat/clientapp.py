@@ -10,6 +10,10 @@ from __future__ import annotations
 ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
 MODULE = ENTRY.partition(":")[0]
 COMMAND = "flwr-clientapp"  # the console script's name, on the SuperNode's PATH
+# Where Flower's clientapp installs a run's app bundle, under the Flower home (`flwr.common.constant.APP_DIR`:
+# `<home>/apps/<publisher>.<name>.<version>.<hash prefix>`), the folder its loader puts first on sys.path;
+# fedhosp/approved_code.py judges imports from there.
+APPS = "apps"
 
 
 def task_identity() -> tuple[int | None, int | None]:
