@@ -140,14 +140,40 @@ def _train_masked(site: Site, msg: Message, context: Context, server_round: int,
     site_secagg.check_collect(request, context.state)  # out of order: refused before any training
     site.admit()
     start = msg.content["arrays"]
+    if site.run.dp_mode == "distributed":
+        return _train_distributed(site, msg, context, server_round, request)
     arrays, metrics = site.train(start, server_round, _run_name(site, context))
-    update = {k: arrays[k].numpy().astype(np.float64) - start[k].numpy().astype(np.float64) for k in start}
+    update = _update(arrays, start)
     norm = float(np.sqrt(sum(float(np.sum(np.square(u))) for u in update.values())))
     if site.run.max_update_norm and norm > site.run.max_update_norm:
         update = {k: u * (site.run.max_update_norm / norm) for k, u in update.items()}
     weight = min(int(metrics["num-examples"]), site.run.max_site_weight)
     _audit(site, context, "train", server_round, {k: metrics[k] for k in AUDITED if k in metrics})
     return site_secagg.masked_update(request, context.state, update, weight, metrics)
+
+
+def _train_distributed(site: Site, msg: Message, context: Context, server_round: int,
+                       request: ConfigRecord) -> RecordDict:
+    """Distributed DP's masked-vector stage: one DP-SGD step carrying this site's share of the sum's noise
+    (Site.train_distributed), sent as it is. No max-update-norm rescale: the step's sensitivity is bounded
+    per sample by Opacus's clip, and scaling a share by its own noisy norm would change the mechanism the
+    ledger accounts. The threshold and the sites sampled are the ones this site checked at setup."""
+    secrets = site_secagg.SiteSecrets.load(context.state)
+    site.policy.check_distributed(secrets.threshold, secrets.share_num)  # before any data is read
+    start = msg.content["arrays"]
+    arrays, metrics, weight = site.train_distributed(start, server_round, _run_name(site, context), secrets.threshold)
+    update = _update(arrays, start)
+    clipped = sum(int(np.count_nonzero(np.abs(u) > secrets.clipping_range)) for u in update.values())
+    if clipped:  # the quantizer's ±c clip is not part of the mechanism: secagg-clipping-range is too small
+        log.warning("round %d: %d update coordinate(s) beyond secagg-clipping-range = %g are clipped before "
+                    "masking: raise it", server_round, clipped, secrets.clipping_range)
+    _audit(site, context, "train", server_round,
+           {**{k: metrics[k] for k in AUDITED if k in metrics}, "dp-mode": "distributed", "secagg-clipped": clipped})
+    return site_secagg.masked_update(request, context.state, update, weight, metrics)
+
+
+def _update(arrays: ArrayRecord, start: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: arrays[k].numpy().astype(np.float64) - start[k].numpy().astype(np.float64) for k in start}
 
 
 def _train(site: Site, msg: Message, context: Context, server_round: int) -> RecordDict:

@@ -254,6 +254,56 @@ class Site:
             replay.save(self.state, run_id, request, reply, metrics)
         return reply, metrics
 
+    def train_distributed(self, arrays: ArrayRecord, server_round: int, run_id: str,
+                          threshold: int) -> tuple[ArrayRecord, dict[str, Any], int]:
+        """Distributed DP (dp-mode = distributed): this round is exactly one DP-SGD step (Opacus: Poisson rate
+        q = 1/ceil(n / batch-size), per-sample clip to dp-max-grad-norm), adding 1/sqrt(threshold) of the noise
+        dp-noise-multiplier x dp-max-grad-norm that the SecAgg+ sum of >= `threshold` sites then carries whole.
+        Returns (new weights, metrics, SecAgg+ weight): the weight is Opacus's expected batch q·n, the
+        divisor of this step, so the server's weighted mean is the pooled batch's step (privacy.distributed_plan).
+
+        The round is this site's own DP release of (sigma, q, 1 step), checked against the run's target and the
+        site's budget and written to its ledger as distributed. Fresh noise every time, never a replay: the
+        same update sent again under new masks into a sum over other sites would let the server difference
+        it out with less noise than planned; a round trained again is a new release, and counted."""
+        self.admit()
+        self._note_new_ledger(run_id, server_round)
+        self._set_threads()
+        self.policy.check_noise(self.run.dp_noise_multiplier)  # the sum's: the noise this round is accounted with
+        train_set, _ = self.data()
+        if len(train_set) == 0:
+            raise DataError("the training split is empty: add images or lower val-fraction")
+        n = len(train_set)
+        self.policy.check_delta(self.run.dp_target_delta, n)
+        dp = privacy.distributed_plan(self.run.dp_noise_multiplier, threshold, self.run.dp_target_delta, n,
+                                      self.run.batch_size, self.run.num_server_rounds, self.run.dp_max_grad_norm)
+        with self._ledger(self._data_identity()).locked() as book:
+            self._check_distributed_target(book, dp, run_id)
+            self._check_budget(book, dp, n)
+            model, loader, optimizer = self._setup(arrays, server_round, run_id, None, train_set)
+            _, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
+            training.one_step(module, loader, optimizer, self.device,
+                              training.loss_for(self.run.task, self.run.loss_weights))
+            book.append(ledger.Entry(run_id, server_round, dp.noise_multiplier, dp.sample_rate, 1, dp.delta,
+                                     dp.round_history(), mode=ledger.DISTRIBUTED))
+        self._count_trained(run_id, server_round)
+        weight = max(1, min(int(optimizer.expected_batch_size), self.run.max_site_weight))
+        metrics = {**self._counts(loader), **self._spent(book, run_id, dp.delta, n),
+                   "noise-multiplier": dp.noise_multiplier, "local-steps": 1}
+        return self._finish(model, run_id), metrics, weight
+
+    def _check_distributed_target(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan, run_id: str) -> None:
+        """Refuse a distributed round that would take this run past its target ε at this site: sigma is the
+        coordinator's, not derived from the target here, so every round is checked, at this site's own rate q."""
+        spent = book.history(run_id)
+        would_be = book.epsilon(spent + dp.round_history(), dp.delta)
+        target = self.run.dp_target_epsilon
+        if would_be > target:
+            raise PrivacyBudgetExceeded(
+                f"run {run_id}: this distributed round would spend ε={would_be:.3f} at this site (sigma = "
+                f"{dp.noise_multiplier:g}, q = {dp.sample_rate:.3g}), over the run's target {target:g}",
+                spent=book.epsilon(spent, dp.delta), budget=target, would_be=would_be)
+
     def _ledger(self, data: str = "") -> ledger.PrivacyLedger:
         """The site's ledger, signed with its key; `data`: the identity new entries record."""
         return ledger.PrivacyLedger(self.state, self.ledger_key, data, new=self.policy.new_ledger,

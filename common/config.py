@@ -29,6 +29,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedia
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_DP = ("off", "fixed", "adaptive")
 SECURE_AGGREGATION = ("off", "secaggplus")  # common/secagg.py, docs/secure-aggregation.md
+DP_MODES = ("local", "distributed")  # distributed: docs/secure-aggregation.md, "Distributed DP"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 CHANNELS = (0, 1, 3)
 TRAINABLE = re.compile(r"^(all|head|last-[1-9][0-9]*)$")  # common/models/trainable.py defines the blocks
@@ -124,6 +125,12 @@ class RunConfig:
     dp_target_epsilon: float = _spec(8.0, _positive, "a number > 0")
     dp_target_delta: float = _spec(1e-4, _open_unit, "a number in (0, 1)")
     dp_max_grad_norm: float = _spec(1.0, _positive, "a number > 0")
+    # local: each site's DP-SGD is calibrated to its own data (dp-target-epsilon). distributed (needs SecAgg+):
+    # each round is one DP-SGD step of every site, its noise split so that only the unmasked sum carries
+    # dp-noise-multiplier x dp-max-grad-norm, as one central DP-SGD step on the pooled batch would.
+    dp_mode: str = _spec("local", lambda v: v in DP_MODES, " | ".join(DP_MODES))
+    dp_noise_multiplier: float = _spec(0.0, lambda v: v >= 0, "a number > 0 (the sum's noise multiplier; "
+                                                           "distributed dp-mode only)")
     # Simulation only: the total ε budget of every virtual site (0: none). A real site sets
     # its own budget in its node config (`privacy-budget`); the server cannot raise it.
     site_privacy_budget: float = _spec(0.0, lambda v: v >= 0, "a number >= 0 (0: no budget)")
@@ -154,6 +161,25 @@ class RunConfig:
         if self.strategy == "scaffold" and self.optimizer != "sgd":
             raise ConfigError(f"strategy 'scaffold' with optimizer '{self.optimizer}': SCAFFOLD's control "
                               "variates count plain SGD steps (c_i + (x - y) / (K * lr)): use optimizer = sgd")
+        if self.dp_mode == "distributed":
+            self._check_distributed()
+
+    def _check_distributed(self) -> None:
+        """Distributed DP is one SGD step of DP-SGD per round whose noise only the SecAgg+ sum carries whole:
+        every setting that breaks one of those words is refused here, on the server and at every site."""
+        needs = {
+            "secure-aggregation": (self.secure_aggregation != "off", "secaggplus: the server must see only the "
+                                   "sum, which alone carries the whole noise"),
+            "dp-enabled": (self.dp_enabled, "true: each site clips per sample and adds its share of the noise"),
+            "optimizer": (self.optimizer == "sgd", "sgd: one Adam step from a fresh state is lr·sign(g), not "
+                          "linear, so the sites' sum would not be one DP-SGD step"),
+            "client-dp": (self.client_dp == "off", "off: the sites add the noise; the server adds none"),
+            "dp-noise-multiplier": (self.dp_noise_multiplier > 0, "a number > 0, the noise multiplier of the sum "
+                                    "(e.g. from a target ε: common/privacy.py noise_multiplier)"),
+        }
+        for key, (ok, needed) in needs.items():
+            if not ok:
+                raise ConfigError(f"dp-mode = distributed needs {key} = {needed}")
 
     @property
     def loss_weights(self) -> tuple[float, ...] | None:

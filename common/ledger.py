@@ -13,6 +13,11 @@ than RDP's. Either bound holds for the whole history, whichever the earlier roun
 noise was calibrated with, so a site may switch; the site's noise search uses the
 ledger's accountant, so the run's target holds by the bound the ledger states.
 
+A round of distributed DP (dp-mode = distributed, docs/secure-aggregation.md) is recorded as this site's
+own release, `mode = "distributed"`, with the noise multiplier of the SecAgg+ sum it was part of: the ε
+it states holds under that mode's assumption (the server sees only the sum, and at least
+secagg-threshold of the summed sites are honest), which the entry names so an auditor can tell.
+
 Integrity, not secrecy: entries form a hash chain and a small anchor file next to
 the ledger records its length and head. A ledger that is missing, truncated,
 edited or unparseable while the anchor says otherwise is an error, never an empty
@@ -47,6 +52,7 @@ ANCHOR_FILE = "privacy-ledger.anchor"
 LOCK_FILE = "privacy-ledger.lock"
 FORMAT = 1
 GENESIS = "0" * 64
+LOCAL, DISTRIBUTED = "local", "distributed"  # an entry's dp-mode
 
 
 @dataclass(frozen=True)
@@ -61,17 +67,20 @@ class Entry:
     delta: float
     history: History
     time: str = ""
+    mode: str = LOCAL  # DISTRIBUTED: ε under distributed DP's assumption (the module's docstring)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["history"] = [list(h) for h in self.history]
+        if self.mode == LOCAL:  # a local round's entry keeps the format it always had
+            del data["mode"]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Entry:
         history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
         fields = {k: data[k] for k in ("run", "round", "noise_multiplier", "sample_rate", "steps", "delta", "time")}
-        return cls(**fields, history=history)
+        return cls(**fields, history=history, mode=str(data.get("mode", LOCAL)))
 
 
 @dataclass(frozen=True)

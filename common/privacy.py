@@ -10,6 +10,7 @@ concatenated histories, for one run or for every run on the site's data.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import warnings
@@ -48,10 +49,18 @@ class DPPlan:
     delta: float
     planned_steps: int
     steps_per_round: int = 0
+    # Distributed DP (dp-mode = distributed): the released SecAgg+ sum holds the noise of at least
+    # `shares` sites, so each site adds 1/sqrt(shares) of it; `noise_multiplier` is the sum's, the one accounted.
+    shares: int = 1
 
     def round_history(self) -> History:
         """What one full round will add to the accountant: a site checks its budget against it first."""
         return [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
+
+    @property
+    def added_noise_multiplier(self) -> float:
+        """The noise this site adds (std, in units of max-grad-norm): the whole of it, or its share of the sum's."""
+        return self.noise_multiplier / math.sqrt(self.shares)
 
 
 def plan(
@@ -65,16 +74,33 @@ def plan(
     state: SiteState | Path | None = None,
     accountant: str = ACCOUNTANT,
 ) -> DPPlan:
-    if delta >= 1.0 / num_examples:
-        raise ConfigError(
-            f"dp-target-delta = {delta:g} is not below 1/n = 1/{num_examples} for this site: "
-            "lower dp-target-delta (delta must be much smaller than 1/n)"
-        )
+    _check_delta(delta, num_examples)
     steps_per_epoch = math.ceil(num_examples / batch_size)  # Opacus's Poisson loader length
     sample_rate = 1.0 / steps_per_epoch
     steps = steps_per_epoch * epochs_per_round * rounds
     sigma = noise_multiplier(target_epsilon, delta, sample_rate, steps, state, accountant)
     return DPPlan(sigma, sample_rate, max_grad_norm, delta, steps, steps_per_epoch * epochs_per_round)
+
+
+def _check_delta(delta: float, num_examples: int) -> None:
+    if delta >= 1.0 / num_examples:
+        raise ConfigError(
+            f"dp-target-delta = {delta:g} is not below 1/n = 1/{num_examples} for this site: "
+            "lower dp-target-delta (delta must be much smaller than 1/n)"
+        )
+
+
+def distributed_plan(sum_noise_multiplier: float, threshold: int, delta: float, num_examples: int,
+                     batch_size: int, rounds: int, max_grad_norm: float) -> DPPlan:
+    """One DP-SGD step per round at this site's own Poisson rate q = 1/ceil(n / batch-size), its Gaussian
+    noise 1/sqrt(threshold) of the sum's: any `threshold` sites' shares add up to the sum's noise multiplier.
+
+    Why the sum is one central DP-SGD step: site k sends Δ_k = -lr (Σ clip + z_k) / B_k (Opacus's step,
+    B_k = its expected batch q·n) weighted by w_k = B_k, so the server's Σ w_k Δ_k / Σ w_k is
+    -lr (Σ_all clip + Σ z_k) / Σ B_k, the pooled expected batch's step, with std(Σ z_k) >= sigma·C."""
+    _check_delta(delta, num_examples)
+    sample_rate = 1.0 / math.ceil(num_examples / batch_size)  # Opacus's Poisson rate, as in `plan`
+    return DPPlan(sum_noise_multiplier, sample_rate, max_grad_norm, delta, rounds, 1, shares=threshold)
 
 
 def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -158,7 +184,7 @@ def make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
+            noise_multiplier=dp.added_noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=grad_sample_mode(model),
@@ -183,8 +209,15 @@ def epsilon(history: History, delta: float, accountant: str = ACCOUNTANT) -> flo
             merged[(float(sigma), float(rate))] = merged.get((float(sigma), float(rate)), 0) + int(n)
     if not merged:
         return 0.0
-    counter = ACCOUNTANTS[_checked(accountant)]()
-    counter.history = [(sigma, rate, n) for (sigma, rate), n in merged.items()]
+    return _epsilon(tuple((sigma, rate, n) for (sigma, rate), n in merged.items()), float(delta), _checked(accountant))
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """Kept per process: a site asks the same question up to three times a round (the run's target, its
+    budget, the ε it reports), ~0.1 s each, which a one-step round of distributed DP would spend mostly here."""
+    counter = ACCOUNTANTS[accountant]()
+    counter.history = list(history)
     return float(counter.get_epsilon(delta))
 
 

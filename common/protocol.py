@@ -23,7 +23,7 @@ REFUSED_SETTING = "refused-setting"  # ... and names the run setting it refused,
 # The run settings a site's policy may refuse (floors on protection, caps on what sizes memory or disk).
 REFUSABLE = frozenset({"dp-enabled", "dp-target-delta", "dp-target-epsilon", "val-fraction", "image-size",
                        "num-classes", "batch-size", "local-epochs", "fine-tune-epochs", "num-server-rounds",
-                       "client-threads", "secure-aggregation",
+                       "client-threads", "secure-aggregation", "secagg-threshold",
                        "evaluations-per-round", "min-validation-images"})  # the site's evaluation allowance
 SCAFFOLD_CONTROL = "scaffold-c"  # server -> site: SCAFFOLD's server control variate
 SCAFFOLD_DELTA = "scaffold-delta-c"  # site -> server: the change of the site's control variate

@@ -73,6 +73,9 @@ class SitePolicy:
     accountant: str = _spec("rdp", lambda v: v in ACCOUNTANTS, " | ".join(ACCOUNTANTS))
     # the site trains only in runs with secure aggregation (SecAgg+): the coordinator never sees its update
     require_secure_aggregation: bool = _spec(False)
+    # distributed DP (dp-mode = distributed): the fewest sites whose noise must add up in the released sum,
+    # which is SecAgg+'s threshold t (each site adds 1/sqrt(t) of it): fewer, and this site does not train
+    distributed_dp_min_sites: int = _spec(3, _at_least(2), "an integer >= 2")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SitePolicy:
@@ -93,6 +96,7 @@ class SitePolicy:
             max_server_rounds=max(base.max_server_rounds, run.num_server_rounds),
             max_client_threads=max(base.max_client_threads, run.client_threads),
             evaluations_per_round=run.num_server_rounds + 1, min_validation_images=0,
+            distributed_dp_min_sites=min(base.distributed_dp_min_sites, run.secagg_threshold),
         )
 
     def check_resources(self, run: RunConfig) -> None:
@@ -131,6 +135,17 @@ class SitePolicy:
         if run.dp_enabled and run.dp_target_epsilon > self.max_epsilon_per_run:
             raise SitePolicyRefused("dp-target-epsilon", f"{run.dp_target_epsilon:g} is above this site's "
                                                          f"max-epsilon-per-run = {self.max_epsilon_per_run:g}")
+
+    def check_distributed(self, threshold: int, sampled: int) -> None:
+        """Distributed DP, before any data is read: this site's share of the noise is 1/sqrt(threshold) of the
+        sum's, so the threshold (and the sites sampled, which bound it) must reach this site's minimum.
+        `threshold` and `sampled` are what this site itself checked at the round's SecAgg+ setup."""
+        fewest = min(threshold, sampled)
+        if fewest < self.distributed_dp_min_sites:
+            raise SitePolicyRefused("secagg-threshold", f"distributed DP over {fewest} site(s) (secagg-threshold "
+                                                        f"{threshold}, {sampled} sampled): this site's "
+                                                        f"distributed-dp-min-sites = "
+                                                        f"{self.distributed_dp_min_sites}")
 
     def delta_ceiling(self, num_examples: int) -> float:
         """The largest δ a run may use here: the site's own, else 1/(10·N) over its training images."""

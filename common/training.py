@@ -105,6 +105,25 @@ def train(
     return total / max(count, 1)
 
 
+def one_step(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
+             loss_fn: LossFn = F.cross_entropy) -> int:
+    """One optimizer step on the loader's first batch; returns its size. An empty batch (Poisson sampling
+    can draw one) is stepped too: under DP-SGD the step still adds its noise, and distributed DP's sum
+    counts on every site's share of it. Per-sample gradients of no image cannot be formed, so a stand-in
+    image takes its place with its loss times zero: its clipped gradient is exactly zero."""
+    model.train()
+    x, y = next(iter(loader))
+    size, scale = len(y), 1.0
+    if size == 0:
+        x0, y0 = loader.dataset[0]
+        x, y, scale = x0.unsqueeze(0), torch.as_tensor(y0).unsqueeze(0), 0.0
+    x, y = x.to(device), y.to(device)
+    optimizer.zero_grad(set_to_none=True)
+    (loss_fn(model(x), y) * scale).backward()
+    optimizer.step()
+    return size
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: str = "classification") -> Evaluation:
     model.eval()
