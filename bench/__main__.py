@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import load, machine, performance_doc, quality, secagg, table
+from bench import load, machine, performance_doc, quality, secagg, secagg_deployment, table
 from fedhosp import processes
 
 # Arguments per section: (full pass, --quick pass). Full: ~17 minutes on 2 idle cores, plus the venv on a fresh clone.
@@ -42,17 +42,21 @@ SECTIONS: dict[str, tuple[list[str], list[str]]] = {
     # bench.quality, hours on 2 cores); quick: two recipes, one seed, 2 rounds
     "quality": (["--seeds", "0,1,2", "--stop-after-min", "60"],
                 ["--seeds", "0", "--recipes", ",".join(quality.QUICK), "--rounds", "2"]),
-    # 20 `fedhosp client`s over mutual TLS, one sending garbage every round (bench/load.py)
-    "load": (["--sites", "20", "--rounds", "3", "--images", "24"],
-             ["--sites", "20", "--rounds", "3", "--images", "24"]),
+    # 20 `fedhosp client`s over mutual TLS, one sending garbage every round (bench/load.py; ~5 min on 2 cores, 19 GiB)
+    "load": (["--sites", "20", "--rounds", "3", "--images", "100"],
+             ["--sites", "20", "--rounds", "3", "--images", "100"]),
     # a SecAgg+ round / a plain round, 5 sites, same model, in-process (bench/secagg.py)
     "secagg": (["--repeats", "3"], ["--repeats", "2"]),
+    # the same in deployment: `fedhosp server` + 5 `fedhosp client`s, plain then SecAgg+ (bench/secagg_deployment.py)
+    "secagg_deployment": (["--sites", "5", "--rounds", "4", "--images", "100"],
+                          ["--sites", "5", "--rounds", "3", "--images", "100"]),
 }
 TIMEOUT_S = 1800
 SECTION_TIMEOUT_S = {"quality": 3 * 3600}  # its own --stop-after-min ends it first
 table.ROWS.setdefault("quality", quality.rows)
 table.ROWS.setdefault("load", load.rows)  # the section's rows live beside it (bench/quality.py)
 table.ROWS.setdefault("secagg", secagg.rows)
+table.ROWS.setdefault("secagg_deployment", secagg_deployment.rows)
 
 
 def run_section(name: str, args: list[str], folder: Path) -> dict[str, Any]:

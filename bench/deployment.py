@@ -63,42 +63,51 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
     proc.wait(timeout=10)
 
 
-def deploy(root: Path, cfg: RunConfig, sites: int, stock: bool = False) -> dict[str, Any]:
-    """`cfg`'s rounds through `fedhosp server` and `sites` `fedhosp client`s (its sites' folders); its round times."""
-    work = root / ("deployment-stock" if stock else "deployment")
+def provision(work: Path, sites: int) -> list[str]:
+    """The consortium's certificates and the sites' keys, as `fedhosp certs init|site|sign` make them."""
     certs.init(work / "certs", ["localhost"])
     (work / "pubs").mkdir(parents=True)
-    names = [f"hosp-{i}" for i in range(sites)]
+    names = [f"hosp-{i:02d}" for i in range(sites)]
     for name in names:
         keys = certs.site(name, work / name)
         certs.sign(keys.request, certs.ca_dir(work / "certs"), work / name)  # at the coordinator: mutual TLS
         (work / "pubs" / f"{name}.pub").write_bytes(keys.public.read_bytes())
+    return names
+
+
+def deploy(root: Path, cfg: RunConfig, sites: int, stock: bool = False, name: str | None = None,
+           server_args: tuple[str, ...] = (), client_args: tuple[str, ...] = (), wait_s: float = 900,
+           timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+    """`cfg`'s rounds through `fedhosp server` and `sites` `fedhosp client`s (its sites' folders); its round times.
+    `server_args` / `client_args`: more flags for each (a run config, a site policy)."""
+    work = root / (name or ("deployment-stock" if stock else "deployment"))
+    names = provision(work, sites)
     fleet, control = processes.free_port(), processes.free_port()
     out = Path(cfg.out_dir)
     started = time.monotonic()
     server = _fedhosp(["server", "--certs", str(work / "certs"), "--sites", str(work / "pubs"),
                        "--rounds", str(cfg.num_server_rounds), "--out", str(out), "--listen", f"127.0.0.1:{fleet}",
-                       "--control-port", str(control), "--min-sites", str(sites), "--site-wait", "900",
-                       "--round-timeout", "900"], work / "server.log")
+                       "--control-port", str(control), "--min-sites", str(sites), "--site-wait", str(int(wait_s)),
+                       "--round-timeout", str(int(wait_s)), *server_args], work / "server.log")
     clients = [
         _fedhosp(["client", "--server", f"127.0.0.1:{fleet}", "--ca", str(work / "certs" / "ca.crt"),
-                  "--key", str(work / name / f"{name}.key"), "--data", str(cfg.site_data_path(i)),
+                  "--key", str(work / site / f"{site}.key"), "--data", str(cfg.site_data_path(i)),
                   "--state", str(cfg.site_state_dir(i)), "--device", "cpu",
-                  "--runtime-port", str(processes.free_port()),
-                  *(["--stock-clientapp", "--stock-waits"] if stock else [])],
-                 work / f"{name}.log")
-        for i, name in enumerate(names)
+                  "--runtime-port", str(processes.free_port()), "--tunnel-port", str(processes.free_port()),
+                  *(["--stock-clientapp", "--stock-waits"] if stock else []), *client_args],
+                 work / f"{site}.log")
+        for i, site in enumerate(names)
     ]
     try:
-        code = server.wait(timeout=TIMEOUT_S)
+        code = server.wait(timeout=timeout_s)
         total = time.monotonic() - started
     finally:
         for proc in [server, *clients]:
             _stop(proc)
     if code != 0:
         tail = (work / "server.log").read_text(errors="replace").splitlines()[-5:]
-        raise RuntimeError(f"fedhosp server exited {code}: {' | '.join(tail)}")
-    return {"total_s": total, "round_s": hospitals.round_seconds(out),
+        raise RuntimeError(f"fedhosp server ({work.name}) exited {code}: {' | '.join(tail)}")
+    return {"total_s": round(total, 1), "round_s": hospitals.round_seconds(out),
             "accuracy": hospitals.final_metrics(out).get("accuracy"),
             "phases": [phases(cfg.site_state_dir(i) / "supernode.log") for i in range(sites)]}
 
