@@ -3,10 +3,11 @@
 - pooled: one model trained on the union of every site's training split, as if the data
   could be centralized;
 - local-only: each site trains its own model on its own training split.
-Both use the federation's model, initial weights (the same seed), optimizer settings and
-total epochs (rounds x local epochs), DP-SGD at the same target (epsilon, delta) when the
-federation has DP, and they are scored on exactly what the federation is scored on: each
-site's validation split, aggregated as the server aggregates it, and the source's test split.
+Both use the federation's model, its round-1 weights (the server's: the same seed, the run's
+`pretrained` weights and channels), its `trainable` blocks, optimizer settings and total
+epochs (rounds x local epochs), DP-SGD at the same target (epsilon, delta) when the federation
+has DP, and they are scored on exactly what the federation is scored on: each site's validation
+split, aggregated as the server aggregates it, and the source's test split.
 In-process with common.training: no Flower, no Ray.
 """
 
@@ -23,10 +24,12 @@ from flwr.app import MetricRecord, RecordDict
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from client.site import Site, site_from_context
-from common import decision, privacy, training
+from common import decision, drift, privacy, training
 from common.config import RunConfig, site_name
-from common.models import build_model
+from common.models import input_channels
+from common.models.trainable import freeze
 from common.weights import to_record
+from server import app as server_app
 from server.strategies import aggregate_metrics
 from simulation import central
 from simulation.central import TestSet
@@ -52,7 +55,7 @@ def pooled(cfg: RunConfig, sites: list[Site], test: TestSet | None) -> dict[str,
         "epsilon": epsilon,
         "sites": _aggregate(per_site),
         "per-site": [{"site": site_name(i), **_shown(m)} for i, m in enumerate(per_site)],
-        "test": _test(central.evaluate(model, test, cfg.task)) if test is not None else None,
+        "test": _test(central.evaluate(model, test, cfg.task, _channels(cfg))) if test is not None else None,
     }
     log.info("baseline pooled: %s (%.0fs)", _brief(result), time.monotonic() - started)
     return {**result, "seconds": round(time.monotonic() - started, 1)}
@@ -66,7 +69,7 @@ def local(cfg: RunConfig, sites: list[Site], test: TestSet | None) -> dict[str, 
         per_site.append(_site_scores(site, model))
         epsilons.append(epsilon)
         if test is not None:
-            tests.append(_test(central.evaluate(model, test, cfg.task)))
+            tests.append(_test(central.evaluate(model, test, cfg.task, _channels(cfg))))
     result: dict[str, Any] = {
         "epochs": cfg.num_server_rounds * cfg.local_epochs,
         "epsilon-max": max(epsilons) if cfg.dp_enabled else None,
@@ -80,14 +83,15 @@ def local(cfg: RunConfig, sites: list[Site], test: TestSet | None) -> dict[str, 
 
 
 def fit(cfg: RunConfig, train_set: Dataset, name: str) -> tuple[torch.nn.Module, float | None]:
-    """The federation's model from its initial weights, trained rounds x local-epochs epochs on `train_set`."""
-    torch.manual_seed(cfg.seed)  # the server initialises the global model exactly so
-    model = build_model(cfg.task, cfg.model, 1, cfg.num_classes, cfg.image_size)
+    """The federation's round-1 model (the server's own, `pretrained` weights included), trained
+    rounds x local-epochs epochs on `train_set` with the sites' `trainable`, optimizer and loss."""
+    model = initial_model(cfg)
+    trained = _trainable(model, cfg)
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:baseline:{name}".encode()).digest()[:8], "big") % 2**63
     torch.manual_seed(seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+    optimizer = drift.make_optimizer(cfg.optimizer, trained, lr=cfg.learning_rate, momentum=cfg.momentum)
     epochs = cfg.num_server_rounds * cfg.local_epochs
     device = training.pick_device("auto")
     model.to(device)
@@ -99,6 +103,23 @@ def fit(cfg: RunConfig, train_set: Dataset, name: str) -> tuple[torch.nn.Module,
     engine, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
     training.train(module, loader, optimizer, epochs, device, training.loss_for(cfg.task, cfg.loss_weights))
     return model, privacy.epsilon([tuple(h) for h in engine.accountant.history], dp.delta)
+
+
+def initial_model(cfg: RunConfig) -> torch.nn.Module:
+    """What the server starts round 1 from (server/app.py): the same seed, the run's channels, its
+    `pretrained` weights; never a resumed run's checkpoint (a baseline trains from the start)."""
+    torch.manual_seed(cfg.seed)  # server/app.py `run` seeds exactly so before building it
+    return server_app.initial_model(replace(cfg, resume=False))
+
+
+def _trainable(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Parameter]:
+    """The run's `trainable` blocks, as a site sets them (client/site.py): the rest frozen, not optimised."""
+    freeze(model, cfg.trainable)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _channels(cfg: RunConfig) -> int:
+    return input_channels(cfg.task, cfg.model, cfg.channels)
 
 
 def _site_scores(site: Site, model: torch.nn.Module) -> dict[str, Any]:

@@ -20,25 +20,30 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common import decision, training
 from common.config import RunConfig
-from common.models import build_model
+from common.models import build_model, input_channels
 from common.weights import load_record
 from simulation.report import CENTRAL
 
 
 @dataclass(frozen=True)
 class TestSet:
-    images: np.ndarray  # (N, S, S) in [0, 1]
+    images: np.ndarray  # (N, S, S) grey or (N, C, S, S), in [0, 1]
     labels: np.ndarray
 
-    def loader(self) -> DataLoader:
-        x = torch.from_numpy(self.images.astype(np.float32)).unsqueeze(1)
+    def loader(self, channels: int = 1) -> DataLoader:
+        """Batches for a model of `channels` inputs: grey images repeated to them, as a site decodes
+        grey files for a colour model (common/data: `channels = 3` repeats grey)."""
+        x = torch.from_numpy(self.images.astype(np.float32))
+        x = x.unsqueeze(1) if x.ndim == 3 else x
+        if x.shape[1] == 1 and channels > 1:
+            x = x.expand(-1, channels, -1, -1)
         return DataLoader(TensorDataset(x, torch.from_numpy(self.labels.astype(np.int64))), batch_size=256)
 
 
-def evaluate(model: torch.nn.Module, test: TestSet, task: str) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, test: TestSet, task: str, channels: int = 1) -> dict[str, Any]:
     """Loss and metrics (at 0.5 for two classes); two classes, also the confusion `counts` on the grid of
     common/decision.py, from which the report scores the test split at each round's chosen threshold."""
-    result = training.evaluate(model, test.loader(), torch.device("cpu"), task)
+    result = training.evaluate(model, test.loader(channels), torch.device("cpu"), task)
     out: dict[str, Any] = {"num-examples": result.num_examples, "loss": result.loss}
     out.update({k: v for k, v in result.metrics.items() if v is not None and not math.isnan(v)})
     if result.confusion:
@@ -56,8 +61,10 @@ class CentralEvaluation:
         self.path.write_text("")
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
-        model = build_model(self.cfg.task, self.cfg.model, 1, self.cfg.num_classes, self.cfg.image_size)
+        cfg = self.cfg
+        channels = input_channels(cfg.task, cfg.model, cfg.channels)
+        model = build_model(cfg.task, cfg.model, channels, cfg.num_classes, cfg.image_size)
         load_record(model, arrays)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"round": server_round, **evaluate(model, self.test, self.cfg.task)}) + "\n")
+            f.write(json.dumps({"round": server_round, **evaluate(model, self.test, cfg.task, channels)}) + "\n")
 

@@ -8,15 +8,20 @@ import pytest
 from bench import quality, table
 
 
-def _run(bacc, auc, federated_only=False):
+def _run(bacc, auc, federated_only=False, decided=None):
     report = {"balanced-accuracy": bacc, "auc": auc, "sensitivity": 0.5, "specificity": 0.5, "accuracy": 0.7}
-    run = {"federated": report}
+    if decided is not None:
+        report |= {"threshold": 0.3, "threshold-balanced-accuracy": decided, "threshold-sensitivity": 0.6,
+                   "threshold-specificity": 0.7, "threshold-accuracy": 0.68}
+    run = {"federated": report, "config": {"model": "m", "trainable": "all", "optimizer": "sgd",
+                                           "learning-rate": 0.2, "batch-size": 32}}
     return run if federated_only else {**run, "pooled": report, "local": report}
 
 
 def _results():
     runs = {"cnn": {"0": _run(0.5, 0.69), "1": _run(0.5, 0.71)},
-            "scatter-linear": {"0": _run(0.72, 0.80), "1": _run(0.76, 0.84), "2": {"error": "ValueError: x"}},
+            "scatter-linear": {"0": _run(0.5, 0.80, decided=0.72), "1": _run(0.5, 0.84, decided=0.76),
+                               "2": {"error": "ValueError: x"}},
             "cnn@pbcblood/head": {"0": _run(0.6, 0.7, federated_only=True)}}
     summary = quality.summarize(runs)
     return {"date": "2026-12-03", "commit": "abc", "seeds": [0, 1, 2], "rounds": 30, "epsilon": 8.0, "delta": 1e-5,
@@ -27,12 +32,58 @@ def _results():
 
 def test_mean_and_spread_over_the_seeds_that_finished():
     r = _results()
-    stat = r["summary"]["scatter-linear"]["federated"]["balanced-accuracy"]
+    stat = r["summary"]["scatter-linear"]["federated"]["threshold-balanced-accuracy"]
     assert stat["seeds"] == 2  # the failed seed is left out, not counted as zero
     assert stat["mean"] == pytest.approx(0.74)
     assert stat["spread"] == pytest.approx(statistics.stdev([0.72, 0.76]))
     assert set(r["summary"]["cnn@pbcblood/head"]) == {"federated"}
-    assert r["best"] == "scatter-linear"
+    assert r["best"] == "scatter-linear"  # by balanced accuracy at its threshold: at 0.5 both are 0.5
+
+
+def test_scored_at_the_federated_threshold_on_the_benign_score():
+    """The card's threshold is on class 1's probability (benign): below it an image is called malignant.
+    Every score under 0.5: at 0.5 all malignant; at 0.4 the benign images (0.45) are benign, the malignant
+    (0.30) malignant. Taken on class 0's probability instead, all would be malignant at 0.4 too."""
+    from simulation.central import TestSet
+
+    labels = np.array([0] * 10 + [1] * 30)
+    report = quality._report(_Scores(np.where(labels == 1, 0.45, 0.30)), TestSet(np.zeros((40, 28, 28)), labels), 0.4)
+    assert (report["sensitivity"], report["specificity"], report["balanced-accuracy"]) == (1.0, 0.0, 0.5)
+    assert report["threshold"] == 0.4
+    assert (report["threshold-sensitivity"], report["threshold-specificity"]) == (1.0, 1.0)
+    assert report["threshold-balanced-accuracy"] == 1.0 and report["auc"] == 1.0
+    unset = quality._report(_Scores(np.where(labels == 1, 0.45, 0.30)), TestSet(np.zeros((40, 28, 28)), labels))
+    assert unset["threshold"] == 0.5 and unset["threshold-specificity"] == unset["specificity"] == 0.0
+
+
+class _Scores:
+    """A model that gives each test image (in order) a fixed probability of class 1."""
+
+    def __init__(self, benign):
+        self.benign, self.seen = benign, 0
+
+    def eval(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        p = torch.tensor(self.benign[self.seen:self.seen + len(x)], dtype=torch.float64)
+        self.seen += len(x)
+        return torch.stack([torch.log1p(-p), torch.log(p)], dim=1)
+
+
+def test_passes_of_one_recipe_each_merge_into_one_table():
+    r = _results()
+    one = {**r, "runs": {"cnn": r["runs"]["cnn"]}, "recipes": {}, "seeds": [0, 1], "skipped": {"scatter-linear": "x"}}
+    two = {**r, "runs": {"scatter-linear": r["runs"]["scatter-linear"]}, "seeds": [0, 1, 2], "date": "2026-12-04"}
+    merged = quality.merge([one, two])
+    assert set(merged["runs"]) == {"cnn", "scatter-linear"} and merged["best"] == "scatter-linear"
+    assert merged["seeds"] == [0, 1, 2] and merged["date"] == "2026-12-04" and "scatter-linear" not in merged["skipped"]
+    assert merged["summary"]["cnn"] == quality.summarize({"cnn": r["runs"]["cnn"]})["cnn"]
 
 
 def test_the_collapse_is_visible_in_the_report():
@@ -72,8 +123,9 @@ def test_rows_and_doc_block(tmp_path):
     quality.write_doc(r, page)
     text = page.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("after\n")
-    assert "| scatter-linear (2 of 3 seeds) | federated | 0.740 ± 0.028 |" in text
-    assert "| cnn@pbcblood/head (1 of 3 seeds) | federated | 0.600 | 0.700 |" in text
+    assert "| scatter-linear (2 of 3 seeds) | federated | 0.300 ± 0.000 | 0.740 ± 0.028 |" in text
+    assert "| cnn@pbcblood/head (1 of 3 seeds) | federated | - | - | - | - | 0.700 | 0.600 |" in text
+    assert "Recommended for small DP sites" in text and "`model=m trainable=all optimizer=sgd" in text
     assert "resnet18@pbcblood/all: not run (not here)" in text and "cnn seed 2" in text
     quality.write_doc(r, page)
     assert page.read_text() == text  # regenerating replaces the block, never appends
