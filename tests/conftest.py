@@ -20,6 +20,21 @@ from tests import leftovers
 
 flower_env.apply()  # as the `fedhosp` command does (fedhosp/__init__.py): tests that run Flower without it
 
+# The longest test files (make test's --durations report), started first: with two workers taking whole
+# files (--dist loadfile) in collection order, a long file collected last runs alone at the end.
+LONGEST_FIRST = ("tests/fedhosp/test_deployment.py", "tests/test_bench_gpu_check.py",
+                 "tests/simulation/test_simulate_segmentation.py", "tests/simulation/test_simulate.py",
+                 "tests/simulation/test_harness.py", "tests/simulation/test_teardown.py",
+                 "tests/simulation/test_cluster.py", "tests/fedhosp/test_control_api.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order only: every worker sorts the same collection the same way (a stable sort keeps the rest)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    root = Path(config.rootpath)
+    items.sort(key=lambda item: rank.get(Path(item.path).relative_to(root).as_posix(), len(rank)))
+
+
 # Commands that start Ray or Flower wait for them to exit before they return: what is still alive this
 # long after a test file ended was left behind (and is killed, so that the next file starts clean).
 LEFTOVER_WAIT_S = 2.0
