@@ -278,7 +278,7 @@ class Site:
         dp = privacy.distributed_plan(self.run.dp_noise_multiplier, threshold, self.run.dp_target_delta, n,
                                       self.run.batch_size, self.run.num_server_rounds, self.run.dp_max_grad_norm)
         with self._ledger(self._data_identity()).locked() as book:
-            self._check_distributed_target(book, dp, run_id)
+            self._check_run_target(book, dp, run_id)
             self._check_budget(book, dp, n)
             model, loader, optimizer = self._setup(arrays, server_round, run_id, None, train_set)
             _, module, optimizer, loader = privacy.make_private(model, optimizer, loader, dp)
@@ -291,18 +291,6 @@ class Site:
         metrics = {**self._counts(loader), **self._spent(book, run_id, dp.delta, n),
                    "noise-multiplier": dp.noise_multiplier, "local-steps": 1}
         return self._finish(model, run_id), metrics, weight
-
-    def _check_distributed_target(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan, run_id: str) -> None:
-        """Refuse a distributed round that would take this run past its target ε at this site: sigma is the
-        coordinator's, not derived from the target here, so every round is checked, at this site's own rate q."""
-        spent = book.history(run_id)
-        would_be = book.epsilon(spent + dp.round_history(), dp.delta)
-        target = self.run.dp_target_epsilon
-        if would_be > target:
-            raise PrivacyBudgetExceeded(
-                f"run {run_id}: this distributed round would spend ε={would_be:.3f} at this site (sigma = "
-                f"{dp.noise_multiplier:g}, q = {dp.sample_rate:.3g}), over the run's target {target:g}",
-                spent=book.epsilon(spent, dp.delta), budget=target, would_be=would_be)
 
     def _ledger(self, data: str = "") -> ledger.PrivacyLedger:
         """The site's ledger, signed with its key; `data`: the identity new entries record."""
@@ -352,21 +340,25 @@ class Site:
     def _check_run_target(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan, run_id: str) -> None:
         """Refuse a round that would take this run past its target ε at this site.
 
-        The plan spends the target if the site trains each round once. A round trained twice
-        that the replay cannot answer (SCAFFOLD, or settings changed on a resume) would overshoot.
-        Within the plan (the usual case) this is arithmetic, with no ε evaluation.
+        A plan calibrated to the target (local DP) spends it if the site trains each round once: a
+        round trained twice that the replay cannot answer (SCAFFOLD, or settings changed on a resume)
+        would overshoot, and within the plan (the usual case) this is arithmetic, with no ε evaluation.
+        A distributed plan's sigma is the coordinator's, not derived from the target: every round is
+        evaluated, at this site's own rate q, with no search tolerance.
         """
         spent = book.history(run_id)
         steps = sum(n for _, _, n in spent) + dp.steps_per_round
-        if steps <= dp.planned_steps and all((s, q) == (dp.noise_multiplier, dp.sample_rate) for s, q, _ in spent):
+        if (dp.calibrated and steps <= dp.planned_steps
+                and all((s, q) == (dp.noise_multiplier, dp.sample_rate) for s, q, _ in spent)):
             return
         would_be = book.epsilon(spent + dp.round_history(), dp.delta)
         target = self.run.dp_target_epsilon
-        if would_be > target + privacy.SEARCH_TOLERANCE:
+        if would_be > target + (privacy.SEARCH_TOLERANCE if dp.calibrated else 0.0):
             raise PrivacyBudgetExceeded(
-                f"run {run_id}: this round would spend ε={would_be:.3f}, over the run's target {target:g} "
-                "(a round trained again after a resume?)", spent=book.epsilon(spent, dp.delta), budget=target,
-                would_be=would_be,
+                f"run {run_id}: this round would spend ε={would_be:.3f} at this site (sigma = "
+                f"{dp.noise_multiplier:g}, q = {dp.sample_rate:.3g}), over the run's target {target:g}"
+                + ("" if not dp.calibrated else " (a round trained again after a resume?)"),
+                spent=book.epsilon(spent, dp.delta), budget=target, would_be=would_be,
             )
 
     def _check_budget(self, book: ledger.PrivacyLedger, dp: privacy.DPPlan | None, n: int = 0) -> None:

@@ -52,6 +52,7 @@ class DPPlan:
     # Distributed DP (dp-mode = distributed): the released SecAgg+ sum holds the noise of at least
     # `shares` sites, so each site adds 1/sqrt(shares) of it; `noise_multiplier` is the sum's, the one accounted.
     shares: int = 1
+    calibrated: bool = True  # sigma searched for the run's target ε (local); False: the coordinator's (distributed)
 
     def round_history(self) -> History:
         """What one full round will add to the accountant: a site checks its budget against it first."""
@@ -100,7 +101,8 @@ def distributed_plan(sum_noise_multiplier: float, threshold: int, delta: float, 
     -lr (Σ_all clip + Σ z_k) / Σ B_k, the pooled expected batch's step, with std(Σ z_k) >= sigma·C."""
     _check_delta(delta, num_examples)
     sample_rate = 1.0 / math.ceil(num_examples / batch_size)  # Opacus's Poisson rate, as in `plan`
-    return DPPlan(sum_noise_multiplier, sample_rate, max_grad_norm, delta, rounds, 1, shares=threshold)
+    return DPPlan(sum_noise_multiplier, sample_rate, max_grad_norm, delta, rounds, 1, shares=threshold,
+                  calibrated=False)
 
 
 def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
