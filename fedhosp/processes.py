@@ -25,6 +25,7 @@ from typing import Any
 
 from common import process_tree
 from common.errors import FedhospError
+from common.flower_compat.environment import without_internal
 from common.flower_env import DEPLOYMENT
 from common.process_tree import Proc, become_subreaper
 
@@ -55,18 +56,10 @@ class Child:
             return ""
 
 
-# Flower 1.41 reads FLWR_INTERNAL_GRPC_CONTROL_API / _FLEET_API=1 as "also start the legacy gRPC
-# servers" on their default addresses (0.0.0.0:9093 / :9092, flwr/superlink/cli/flower_superlink.py):
-# a Control API beside nginx, not behind it. Nothing we start inherits any FLWR_INTERNAL_* setting.
-INTERNAL_PREFIX = "FLWR_INTERNAL_"
-
-
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every Flower command gets: its own FLWR_HOME, no telemetry, no installs, and
-    none of Flower's internal toggles (INTERNAL_PREFIX), whoever set them."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(INTERNAL_PREFIX)}
-    wanted = {k: v for k, v in (extra or {}).items() if not k.startswith(INTERNAL_PREFIX)}
-    env = {**inherited, **DEPLOYMENT, "FLWR_HOME": str(home), **wanted}
+    none of Flower's internal toggles (common/flower_compat/environment.py), whoever set them."""
+    env = {**without_internal(os.environ), **DEPLOYMENT, "FLWR_HOME": str(home), **without_internal(extra or {})}
     bin_dir = str(Path(sys.executable).parent)  # Flower's commands live beside this interpreter
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env

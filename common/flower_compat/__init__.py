@@ -29,6 +29,9 @@ Needed to work at all (no switch; their tests fail loudly on another version):
 - `cli_output.py`: the run id in `flwr run`'s output and the shape of Flower's log lines.
   Upstream: `flwr run --format json` that streams.
 - `logs.py`: `flwr.supercore.logger.update_console_handler`, to quiet Flower's console.
+- `environment.py`: the `FLWR_INTERNAL_*` toggles (legacy gRPC servers on 0.0.0.0), stripped from the
+  environment of every Flower process fedhosp starts (fedhosp/processes.py), never gated.
+  Upstream: no undocumented toggle that opens a listener.
 - `clientapp.py` `APPS`: Flower's bundle folder under its home (`apps/`, `flwr.common.constant.APP_DIR`),
   which the site's approved-code guard watches. Upstream: a hook to approve a FAB before it is loaded.
 - `clientapp.py` `task_identity()`: `flwr.supercore.task_identity.TaskIdentity`'s run and node
