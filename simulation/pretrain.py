@@ -79,7 +79,9 @@ def pretrain(opts: PretrainOptions) -> dict[str, Any]:
     model = build_model("classification", opts.model, 1, num_classes, opts.image_size).to(device)
     loader = DataLoader(_dataset(data.images, data.labels), batch_size=opts.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(opts.seed))
-    optimizer = torch.optim.SGD(model.parameters(), lr=opts.learning_rate, momentum=MOMENTUM)
+    calibrated = _calibrate(model, loader)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=opts.learning_rate, momentum=MOMENTUM)
     log.info("pretrain %s on %s: %d classes, %d epochs", opts.model, data.source, num_classes, opts.epochs)
     loss = training.train(model, loader, optimizer, opts.epochs, device, training.LOSSES["classification"])
     held_out = _score(model, data, device) if data.has_test else None
@@ -95,6 +97,7 @@ def pretrain(opts: PretrainOptions) -> dict[str, Any]:
         "num-classes": num_classes,
         "image-size": opts.image_size,
         "epochs": opts.epochs,
+        "calibrated": calibrated,
         "train-examples": len(data.labels),
         "train-loss": loss,
         "test": held_out,
@@ -104,6 +107,17 @@ def pretrain(opts: PretrainOptions) -> dict[str, Any]:
     }
     sidecar(opts.out).write_text(json.dumps(card, indent=1))
     return card
+
+
+def _calibrate(model: torch.nn.Module, loader: DataLoader) -> str | None:
+    """A fixed front end (the scattering models' `calibrate`) takes its normalisation from the pool's
+    statistics, then stays frozen: SGD on the pool's labels would fit it to the pool's task instead."""
+    calibrate = getattr(model, "calibrate", None)
+    if calibrate is None:
+        return None
+    module = calibrate(x for x, _ in loader)
+    module.requires_grad_(False)
+    return "per-channel mean and std of the pool's features"
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:

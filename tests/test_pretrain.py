@@ -102,3 +102,26 @@ def test_a_pool_of_one_class_is_refused(tmp_path):
     np.savez(pool, train_images=_images(labels, 0), train_labels=labels[:, None])
     with pytest.raises(ConfigError, match="at least two classes"):
         pretrain(PretrainOptions(data=pool, model="cnn", out=tmp_path / "w.pt", image_size=SIZE))
+
+
+def test_a_scattering_front_takes_the_pools_statistics_and_keeps_them(tmp_path):
+    """scatter-linear: pretrain standardises each scattering channel by the pool's own mean and std (the
+    GroupNorm's affine), and the SGD on the pool's labels afterwards leaves them as they were computed."""
+    from simulation import pool as pools
+
+    path = _pool(tmp_path / "public.npz")
+    out = tmp_path / "scatter-public.pt"
+    card = pretrain(PretrainOptions(data=path, model="scatter-linear", out=out, image_size=SIZE, epochs=3,
+                                    learning_rate=0.5))
+    assert card["calibrated"]
+    state = torch.load(out, weights_only=True)
+    model = build_model("classification", "scatter-linear", 1, 3, SIZE)
+    model.load_state_dict(state)
+    images = pools.load(path, SIZE, tmp_path / "cache").images
+    with torch.no_grad():
+        features = model.front(torch.from_numpy(images.astype(np.float32))[:, None]).double()
+    assert torch.allclose(features.mean((0, 2, 3)), torch.zeros(81, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(features.std((0, 2, 3), correction=0), torch.ones(81, dtype=torch.float64), atol=1e-3)
+    torch.manual_seed(0)
+    fresh = build_model("classification", "scatter-linear", 1, 3, SIZE)
+    assert not torch.equal(fresh.head.weight, state["head.weight"])  # the head did train on the pool
