@@ -36,16 +36,6 @@ THRESHOLD = 3  # of 5: above half the sites, as docs/secure-aggregation.md asks
 METRICS = ("balanced-accuracy", "auc", "sensitivity", "specificity", "accuracy")
 
 
-def _args(seed: int, rounds: int, out: Path, settings: dict[str, Any]):
-    from fedhosp import cli
-
-    return cli.build_parser().parse_args([
-        "simulate", "--data", str(quality.TASK_DATA), "--partition", "dirichlet", "--alpha", str(quality.ALPHA),
-        "--sites", str(quality.SITES), "--rounds", str(rounds), "--epsilon", str(quality.EPSILON),
-        "--seed", str(seed), "--engine", "inprocess", "--out", str(out),
-        "--run-config", " ".join(f"{k}={v}" for k, v in settings.items())])
-
-
 def train_sizes(args) -> list[int]:
     """Each site's training split, written as the simulation will write (and then reuse) it."""
     from client.site import site_from_context
@@ -70,6 +60,13 @@ def sum_noise_multiplier(sizes: list[int], batch_size: int, rounds: int, rate: s
     return privacy.noise_multiplier(quality.EPSILON, quality.DELTA, q, rounds), q
 
 
+def calibrate(settings: dict[str, Any], seed: int, rounds: int, out: Path, rate: str = "max") -> dict[str, Any]:
+    """The noise multiplier of the sum for this seed's partition (the sites' training splits) and settings."""
+    sizes = train_sizes(quality.simulate_args(seed, rounds, out, {**settings, "dp-noise-multiplier": 1.0}))
+    sigma, q = sum_noise_multiplier(sizes, int(settings["batch-size"]), rounds, rate)
+    return {"sigma": sigma, "sigma-for-q": q, "sigma-for": rate, "train-sizes": sizes}
+
+
 def run(kind: str, seed: int, rounds: int, lr: float, batch_size: int, work: Path,
         rate: str = "max") -> dict[str, Any]:
     """One simulation and its scores on the test split."""
@@ -84,12 +81,9 @@ def run(kind: str, seed: int, rounds: int, lr: float, batch_size: int, work: Pat
     out = work / kind / f"seed-{seed}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the sites' ledgers of an earlier one would count
     if kind == "distributed":
-        sizes = train_sizes(_args(seed, rounds, out, {**settings, "dp-noise-multiplier": 1.0}))
-        sigma, q = sum_noise_multiplier(sizes, batch_size, rounds, rate)
-        settings["dp-noise-multiplier"] = sigma
-        extra = {"sigma": sigma, "sigma-for-q": q, "sigma-for": rate, "train-sizes": sizes,
-                 "secagg-threshold": THRESHOLD}
-    args = _args(seed, rounds, out, settings)
+        extra = {**calibrate(settings, seed, rounds, out, rate), "secagg-threshold": THRESHOLD}
+        settings["dp-noise-multiplier"] = extra["sigma"]
+    args = quality.simulate_args(seed, rounds, out, settings)
     started = time.monotonic()
     results = json.loads(cli.run_simulate(args).read_text())
     cfg = cli.simulate_config(args)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -57,8 +58,15 @@ class Recipe:
     settings: dict[str, Any] = field(default_factory=dict)  # run-config keys on top of SETTINGS
     pool: str | None = None  # pretrained on this public pool (fedhosp pretrain), then `pretrained = PATH`
     trainable: str | None = None  # with a pool: `trainable = head | all`
+    rounds: int | None = None  # its own number of rounds (None: ROUNDS); `--rounds` overrides every recipe's
+
+    @property
+    def distributed(self) -> bool:
+        """`dp-mode = distributed` (docs/secure-aggregation.md): the noise of the sum is sized per run."""
+        return self.settings.get("dp-mode") == "distributed"
 
 
+DISTRIBUTED = {"batch-size": 1024, "dp-mode": "distributed", "secure-aggregation": "secaggplus", "secagg-threshold": 3}
 # Learning rates: the best of 0.05 / 0.2 / 0.5 for DP pooled training at seed 0 (cnn: the one docs/simulation.md used)
 RECIPES = (
     Recipe("cnn", "cnn", {"learning-rate": 0.01}),
@@ -68,6 +76,14 @@ RECIPES = (
     Recipe("cnn@pbcblood/all", "cnn", {"learning-rate": 0.01}, "pbcblood", "all"),
     Recipe("resnet18@pbcblood/head", "resnet18", {"learning-rate": 0.2}, "pbcblood", "head"),
     Recipe("resnet18@pbcblood/all", "resnet18", {"learning-rate": 0.01}, "pbcblood", "all"),
+    # Distributed DP under SecAgg+ (3 of 5 sites), one full-batch DP-SGD step a round: a batch-size above every
+    # site's training split makes each site's Poisson rate q = 1, so no small site forces the noise of the sum up
+    # (sized for the largest q_k). Learning rate: 0.5 of 0.5 / 1.0 at seed 0 (batch 32: 0.25 of 1 / 0.5 / 0.25).
+    Recipe("scatter-linear:distributed", "scatter-linear", {"learning-rate": 0.5, **DISTRIBUTED}, rounds=100),
+    # The scattering front's per-channel statistics from the public pool (scatter.py `calibrate`), frozen
+    Recipe("scatter-linear@pbcblood/head", "scatter-linear", {"learning-rate": 0.2}, "pbcblood", "head"),
+    Recipe("scatter-linear@pbcblood/head:distributed", "scatter-linear", {"learning-rate": 0.25, **DISTRIBUTED},
+           "pbcblood", "head", rounds=100),
 )
 QUICK = ("cnn", "scatter-linear")
 LIGHT = ("cnn", "scatter-linear", "scatter-cnn")  # models a 2-core CPU trains in minutes
@@ -91,12 +107,16 @@ def unavailable(recipe: Recipe) -> str | None:
     return None
 
 
+def weights_file(recipe: Recipe, work: Path) -> Path:
+    return work / "weights" / f"{recipe.model}-{recipe.pool}.pt"
+
+
 def weights_for(recipe: Recipe, work: Path, log: dict[str, Any]) -> Path:
     """`fedhosp pretrain` on the recipe's public pool, once per (model, pool)."""
     from simulation.pretrain import PretrainOptions, pretrain, sidecar
 
     assert recipe.pool is not None
-    out = work / "weights" / f"{recipe.model}-{recipe.pool}.pt"
+    out = weights_file(recipe, work)
     if not (out.is_file() and sidecar(out).is_file()):
         lr = {"learning_rate": PRETRAIN_LR[recipe.model]} if recipe.model in PRETRAIN_LR else {}
         pretrain(PretrainOptions(data=POOLS[recipe.pool], model=recipe.model, out=out, epochs=PRETRAIN_EPOCHS,
@@ -105,10 +125,22 @@ def weights_for(recipe: Recipe, work: Path, log: dict[str, Any]) -> Path:
     return out
 
 
+def simulate_args(seed: int, rounds: int, out: Path, settings: dict[str, Any]):
+    """`fedhosp simulate`'s arguments for BreastMNIST over the sites, in-process, with these run settings."""
+    from fedhosp import cli
+
+    return cli.build_parser().parse_args([
+        "simulate", "--data", str(TASK_DATA), "--partition", "dirichlet", "--alpha", str(ALPHA),
+        "--sites", str(SITES), "--rounds", str(rounds), "--epsilon", str(EPSILON), "--seed", str(seed),
+        "--engine", "inprocess", "--out", str(out),
+        "--run-config", " ".join(f"{k}={v}" for k, v in settings.items())])
+
+
 def run_recipe(recipe: Recipe, seed: int, rounds: int, work: Path, weights: Path | None) -> dict[str, Any]:
     """Federated, pooled and local-only for one recipe and seed: each one's report on the test split, at
     0.5 and at its own decision threshold. The baselines' `fit` (simulation/baselines.py) starts from the
-    federation's round-1 model, pretrained weights included, and trains the same `trainable` blocks."""
+    federation's round-1 model, pretrained weights included, and trains the same `trainable` blocks, with
+    central DP-SGD at the same ε (for a distributed recipe: the pooled step its sum emulates, and each site's)."""
     from client.site import site_from_context
     from fedhosp import cli
 
@@ -116,11 +148,14 @@ def run_recipe(recipe: Recipe, seed: int, rounds: int, work: Path, weights: Path
     if weights is not None:
         settings.update({"pretrained": str(weights), "trainable": recipe.trainable})
     out = work / recipe.name.replace("@", "-").replace("/", "-") / f"seed-{seed}"
-    args = cli.build_parser().parse_args([
-        "simulate", "--data", str(TASK_DATA), "--partition", "dirichlet", "--alpha", str(ALPHA),
-        "--sites", str(SITES), "--rounds", str(rounds), "--epsilon", str(EPSILON), "--seed", str(seed),
-        "--engine", "inprocess", "--out", str(out),
-        "--run-config", " ".join(f"{k}={v}" for k, v in settings.items())])
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: the sites' ledgers of an earlier one would count
+    extra: dict[str, Any] = {}
+    if recipe.distributed:
+        from bench import distributed_dp
+
+        extra = distributed_dp.calibrate(settings, seed, rounds, out)
+        settings["dp-noise-multiplier"] = extra["sigma"]
+    args = simulate_args(seed, rounds, out, settings)
     started = time.monotonic()
     results = json.loads(cli.run_simulate(args).read_text())
     cfg = cli.simulate_config(args)
@@ -128,7 +163,7 @@ def run_recipe(recipe: Recipe, seed: int, rounds: int, work: Path, weights: Path
     model, threshold = _final_model(cfg, out)
     federated = _report(model, test, threshold, _channels(cfg))
     fed = {"federated": {**federated, "epsilon": results["final"].get("epsilon_max")},
-           "sizes": results.get("partition", {}).get("sizes"), "config": _config(cfg)}
+           "sizes": results.get("partition", {}).get("sizes"), "config": _config(cfg), **extra}
     sites = [site_from_context(cfg, {"partition-id": pid}) for pid in range(SITES)]
     return {**fed, **_baselines(cfg, sites, test), "seconds": round(time.monotonic() - started, 1)}
 
@@ -138,7 +173,8 @@ def _config(cfg) -> dict[str, Any]:
     return {"model": cfg.model, "pretrained": Path(cfg.pretrained).name if cfg.pretrained else "",
             "trainable": cfg.trainable, "optimizer": cfg.optimizer, "learning-rate": cfg.learning_rate,
             "momentum": cfg.momentum, "batch-size": cfg.batch_size, "dp-max-grad-norm": cfg.dp_max_grad_norm,
-            "local-epochs": cfg.local_epochs, "rounds": cfg.num_server_rounds}
+            "local-epochs": cfg.local_epochs, "rounds": cfg.num_server_rounds, "dp-mode": cfg.dp_mode,
+            "secure-aggregation": cfg.secure_aggregation, "secagg-threshold": cfg.secagg_threshold}
 
 
 def _baselines(cfg, sites: list, test) -> dict[str, Any]:
@@ -319,6 +355,15 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"- {name}: not run ({why}).")
     if r.get("unfinished"):
         lines.append(f"- not run within the pass's time limit: {', '.join(r['unfinished'])}.")
+    for name, recipe in r.get("recipes", {}).items():
+        if recipe.get("settings", {}).get("dp-mode") == "distributed" and name in r["summary"]:
+            lines.append(f"- {name}: distributed DP (`dp-mode = distributed`, SecAgg+ with "
+                         f"secagg-threshold {recipe['settings'].get('secagg-threshold')} of {SITES}, "
+                         f"{recipe.get('rounds', r['rounds'])} rounds of one DP-SGD step, batch-size "
+                         f"{recipe['settings'].get('batch-size')}: every site's whole training split, q = 1): each "
+                         "site adds its share of the noise of the sum, sized so that every site's own ledger "
+                         f"states ε <= {r['epsilon']:g} (docs/secure-aggregation.md); pooled and local-only: "
+                         "central DP-SGD with the same steps, batch and ε.")
     if any(v.get("pool") for v in r.get("recipes", {}).values()):
         lines.append("- pretrained recipes: pooled and local-only start from the federation's round-1 model (the "
                      "same weights file) and train the same `trainable` blocks.")
@@ -334,8 +379,20 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Best federated recipe: **{r['best']}**: balanced accuracy at its threshold "
                   f"{_cell(decided(fed, 'balanced-accuracy'))} (at 0.5: {_cell(fed.get('balanced-accuracy'))}), "
                   f"AUC {_cell(fed.get('auc'))}; the goal (balanced accuracy >= 0.70 and AUC >= 0.85) is "
-                  f"{'met' if met(fed) else 'not met'}.", "", recommendation(r)]
+                  f"{'met' if met(fed) else 'not met'}.", *ceiling_lines(r), "", recommendation(r)]
     return "\n".join(lines)
+
+
+def ceiling_lines(r: dict[str, Any]) -> list[str]:
+    """bench/feature_ceiling.py's bound, where the pass measured it: what the frozen features give without DP."""
+    if not r.get("ceiling"):
+        return []
+    shown = "; ".join(f"{name}'s features ({c['features']}): AUC {c['auc']:.3f} (L2 chosen on a held-out fifth), "
+                      f"{c['auc-oracle']:.3f} at the best L2 for the test split" for name, c in r["ceiling"].items())
+    return ["", "Without DP, a logistic regression on the same frozen features, fit on all "
+            f"{next(iter(r['ceiling'].values()))['train-images']} training images (bench/feature_ceiling.py), "
+            f"reaches: {shown}. A DP head on these features does not exceed that: where it is below AUC "
+            f"{GOAL['auc']:g}, the features, not the privacy, keep the goal out of reach."]
 
 
 def recommendation(r: dict[str, Any]) -> str:
@@ -348,7 +405,8 @@ def recommendation(r: dict[str, Any]) -> str:
     weights = (f"weights from `fedhosp pretrain` on {recipe['pool']} (`pretrained = PATH`), "
                if recipe.get("pool") else "no pretrained weights, ")
     keys = ("model", "trainable", "optimizer", "learning-rate", "momentum", "batch-size", "dp-max-grad-norm",
-            "local-epochs", "rounds")
+            "local-epochs", "rounds", *(("dp-mode", "secure-aggregation", "secagg-threshold")
+                                        if config.get("dp-mode") == "distributed" else ()))
     settings = " ".join(f"{k}={config[k]}" for k in keys if k in config)
     return (f"Recommended for small DP sites (~100 images each, ε = {r['epsilon']:g}), from this table: "
             f"**{name}**: {weights}`{settings}` (the tree has no EMA setting), and decide at the federation's "
@@ -362,9 +420,9 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if not parts:
         raise SystemExit("--merge: no results to merge")
     out: dict[str, Any] = {**parts[-1], "recipes": {}, "runs": {}, "skipped": {}, "pretrained": {},
-                           "unfinished": []}
+                           "unfinished": [], "ceiling": {}}
     for part in parts:
-        for key in ("recipes", "skipped", "pretrained"):
+        for key in ("recipes", "skipped", "pretrained", "ceiling"):
             out[key].update(part.get(key, {}))
         for name, per_seed in part.get("runs", {}).items():
             out["runs"].setdefault(name, {}).update(per_seed)
@@ -394,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--recipes", default=",".join(r.name for r in RECIPES),
-                        help=f"comma-separated recipe names (quick: {','.join(QUICK)})")
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
+                        help=f"comma-separated recipe names (quick: {','.join(QUICK)}); '' for the ceiling alone")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"every recipe's rounds (default: its own, else {ROUNDS})")
     parser.add_argument("--stop-after-min", type=float, default=0.0,
                         help="start no new run after this many minutes (0: no limit); the rest is listed unfinished")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="runs and weights go here")
@@ -431,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}: choose from {', '.join(by_name)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     m = machine.describe()
-    result = {"date": m["date"], "commit": m["commit"], "seeds": seeds, "rounds": args.rounds,
+    result = {"date": m["date"], "commit": m["commit"], "seeds": seeds, "rounds": args.rounds or ROUNDS,
               "epsilon": EPSILON, "delta": DELTA, "settings": " ".join(f"{k}={v}" for k, v in SETTINGS.items()),
               "recipes": {}, "runs": {}, "skipped": {}, "pretrained": {}, "unfinished": [], "summary": {},
               "best": None}
@@ -440,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         recipe = by_name[name]
         result["recipes"][name] = {"model": recipe.model, "settings": recipe.settings, "pool": recipe.pool,
-                                   "trainable": recipe.trainable}
+                                   "trainable": recipe.trainable, "rounds": args.rounds or recipe.rounds or ROUNDS}
         why = unavailable(recipe)
         if why:
             result["skipped"][name] = why
@@ -462,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if recipe.pool and name not in weights:
                 weights[name] = weights_for(recipe, args.work, result["pretrained"])
-            run = run_recipe(recipe, seed, args.rounds, args.work, weights.get(name))
+            rounds = args.rounds or recipe.rounds or ROUNDS
+            run = run_recipe(recipe, seed, rounds, args.work, weights.get(name))
         except Exception as exc:  # one recipe's failure is a row of the table, not the end of the bench
             run = {"error": f"{type(exc).__name__}: {exc}"}
         result["runs"][name][str(seed)] = run
@@ -476,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(result, indent=1))
     result["summary"] = summarize(result["runs"])
     result["best"] = best(result["summary"])
+    from bench import feature_ceiling
+
+    # every head recipe's weights this --work holds (made by this pass or an earlier one): no training here
+    made = {r.name: weights_file(r, args.work) for r in RECIPES if r.trainable == "head"}
+    result["ceiling"] = feature_ceiling.ceilings({n: w for n, w in made.items() if w.is_file()})
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(markdown(result))

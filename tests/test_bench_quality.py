@@ -129,3 +129,49 @@ def test_rows_and_doc_block(tmp_path):
     assert "resnet18@pbcblood/all: not run (not here)" in text and "cnn seed 2" in text
     quality.write_doc(r, page)
     assert page.read_text() == text  # regenerating replaces the block, never appends
+
+
+def test_a_distributed_recipe_is_recommended_with_its_mode():
+    r = _results()
+    r["runs"]["scatter-linear"]["0"]["config"] |= {"dp-mode": "distributed", "secure-aggregation": "secaggplus",
+                                                   "secagg-threshold": 3}
+    r["recipes"]["scatter-linear"] = {"settings": {"dp-mode": "distributed", "secagg-threshold": 3,
+                                                   "batch-size": 1024}, "rounds": 100}
+    text = quality.markdown(r)
+    assert "dp-mode=distributed secure-aggregation=secaggplus secagg-threshold=3`" in text
+    assert "- scatter-linear: distributed DP" in text and "100 rounds of one DP-SGD step" in text
+
+
+@pytest.mark.skipif(not quality.TASK_DATA.is_file(), reason="../shared/data/breastmnist absent")
+def test_a_whole_split_batch_sizes_the_noise_for_q_1(tmp_path):
+    """batch-size above every site's split: every site's Poisson rate is 1, so the smallest site does not set a
+    larger noise than the others need (batch 32 sizes it for the largest q_k, the smallest site's)."""
+    from bench import distributed_dp
+    from common import privacy
+
+    recipe = next(r for r in quality.RECIPES if r.distributed)
+    settings = {**quality.SETTINGS, **recipe.settings, "model": recipe.model}
+    whole = distributed_dp.calibrate(settings, 0, recipe.rounds, tmp_path / "whole")
+    assert whole["sigma-for-q"] == 1.0 and max(whole["train-sizes"]) <= settings["batch-size"]
+    assert whole["sigma"] == privacy.noise_multiplier(quality.EPSILON, quality.DELTA, 1.0, recipe.rounds)
+    small = distributed_dp.calibrate({**settings, "batch-size": 32}, 0, recipe.rounds, tmp_path / "small")
+    assert small["train-sizes"] == whole["train-sizes"]
+    assert small["sigma-for-q"] == 1 / -(-min(small["train-sizes"]) // 32)
+
+
+def test_the_ceiling_probes_exactly_what_the_head_sees():
+    """bench/feature_ceiling.py: the features are the head block's input, so the head on them is the model."""
+    import torch
+
+    from bench import feature_ceiling
+    from common.models import build_model
+    from simulation.central import TestSet
+
+    torch.manual_seed(0)
+    model = build_model("classification", "scatter-linear", 1, 2, 28).eval()
+    images = np.random.default_rng(0).random((5, 28, 28)).astype(np.float32)
+    features = feature_ceiling.head_inputs(model, TestSet(images, np.zeros(5)), 1)
+    assert features.shape == (5, model.head.in_features)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)[:, None])
+        assert torch.allclose(model.head(torch.from_numpy(features)), expected, atol=1e-6)
