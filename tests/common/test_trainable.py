@@ -78,8 +78,8 @@ def test_blocks_are_the_top_level_layers_in_forward_order():
     cnn = build_model("classification", "cnn")
     assert [n for n, _ in blocks(cnn)] == ["features.0", "features.1", "features.2", "features.3", "head"]
     assert freeze(build_model("classification", "densenet121", 3, 2, 16), "head") == ["classifier"]
-    assert freeze(build_model("segmentation", "unet-resnet18", 3, 2, 16), "last-5") == ["up4", "up3", "up2", "up1",
-                                                                                        "head"]
+    assert freeze(build_model("segmentation", "unet-resnet18", 3, 2, 16), "last-6") == ["up4", "up3", "up2", "up1",
+                                                                                        "up0", "head"]
     assert freeze(cnn, "all") == [n for n, _ in blocks(cnn)] and all(p.requires_grad for p in cnn.parameters())
     with pytest.raises(ConfigError, match=r"this model has 5 blocks \(features\.0, .*head\)"):
         freeze(cnn, "last-6")
