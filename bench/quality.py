@@ -81,7 +81,8 @@ RECIPES = (
     # (sized for the largest q_k). Learning rate: 0.5 of 0.5 / 1.0 at seed 0 (batch 32: 0.25 of 1 / 0.5 / 0.25).
     Recipe("scatter-linear:distributed", "scatter-linear", {"learning-rate": 0.5, **DISTRIBUTED}, rounds=100),
     # The scattering front's per-channel statistics from the public pool (scatter.py `calibrate`), frozen
-    Recipe("scatter-linear@pbcblood/head", "scatter-linear", {"learning-rate": 0.2}, "pbcblood", "head"),
+    # (learning rates at seed 0, federated: local 0.05 of 0.05 / 0.2 / 0.5; distributed 0.25 of 0.1 / 0.25)
+    Recipe("scatter-linear@pbcblood/head", "scatter-linear", {"learning-rate": 0.05}, "pbcblood", "head"),
     Recipe("scatter-linear@pbcblood/head:distributed", "scatter-linear", {"learning-rate": 0.25, **DISTRIBUTED},
            "pbcblood", "head", rounds=100),
 )
@@ -363,7 +364,8 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{recipe['settings'].get('batch-size')}: every site's whole training split, q = 1): each "
                          "site adds its share of the noise of the sum, sized so that every site's own ledger "
                          f"states ε <= {r['epsilon']:g} (docs/secure-aggregation.md); pooled and local-only: "
-                         "central DP-SGD with the same steps, batch and ε.")
+                         "central DP-SGD with the same steps, batch and ε (its momentum carries over from step to "
+                         "step, where each one-step round starts a site's optimizer afresh).")
     if any(v.get("pool") for v in r.get("recipes", {}).values()):
         lines.append("- pretrained recipes: pooled and local-only start from the federation's round-1 model (the "
                      "same weights file) and train the same `trainable` blocks.")
@@ -390,9 +392,10 @@ def ceiling_lines(r: dict[str, Any]) -> list[str]:
     shown = "; ".join(f"{name}'s features ({c['features']}): AUC {c['auc']:.3f} (L2 chosen on a held-out fifth), "
                       f"{c['auc-oracle']:.3f} at the best L2 for the test split" for name, c in r["ceiling"].items())
     return ["", "Without DP, a logistic regression on the same frozen features, fit on all "
-            f"{next(iter(r['ceiling'].values()))['train-images']} training images (bench/feature_ceiling.py), "
-            f"reaches: {shown}. A DP head on these features does not exceed that: where it is below AUC "
-            f"{GOAL['auc']:g}, the features, not the privacy, keep the goal out of reach."]
+            f"{next(iter(r['ceiling'].values()))['train-images']} images the sites hold (training and validation "
+            f"splits; bench/feature_ceiling.py), reaches: {shown}. A head trained under DP on fewer of them is not "
+            f"expected to do better: where this is below AUC {GOAL['auc']:g}, the features, not the privacy, keep "
+            "the goal out of reach."]
 
 
 def recommendation(r: dict[str, Any]) -> str:
@@ -429,6 +432,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         out["unfinished"] += [u for u in part.get("unfinished", []) if u not in out["unfinished"]]
     for name in out["runs"]:
         out["skipped"].pop(name, None)
+    done = {f"{name} seed {seed}" for name, per_seed in out["runs"].items() for seed in per_seed}
+    out["unfinished"] = [u for u in out["unfinished"] if u not in done]  # a later pass ran it
     out["seeds"] = sorted({int(s) for part in parts for s in part.get("seeds", [])})
     out["date"] = max(p["date"] for p in parts)
     out["commit"] = ", ".join(dict.fromkeys(p["commit"] for p in parts))
@@ -539,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import feature_ceiling
 
     # every head recipe's weights this --work holds (made by this pass or an earlier one): no training here
-    made = {r.name: weights_file(r, args.work) for r in RECIPES if r.trainable == "head"}
+    made = {f"{r.model}@{r.pool}": weights_file(r, args.work) for r in RECIPES if r.trainable == "head"}
     result["ceiling"] = feature_ceiling.ceilings({n: w for n, w in made.items() if w.is_file()})
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -84,6 +84,9 @@ def test_passes_of_one_recipe_each_merge_into_one_table():
     assert set(merged["runs"]) == {"cnn", "scatter-linear"} and merged["best"] == "scatter-linear"
     assert merged["seeds"] == [0, 1, 2] and merged["date"] == "2026-12-04" and "scatter-linear" not in merged["skipped"]
     assert merged["summary"]["cnn"] == quality.summarize({"cnn": r["runs"]["cnn"]})["cnn"]
+    assert merged["unfinished"] == ["cnn seed 2"]
+    later = {**r, "runs": {"cnn": {"2": _run(0.5, 0.7)}}, "unfinished": []}
+    assert quality.merge([one, two, later])["unfinished"] == []  # a later pass ran it: no longer listed
 
 
 def test_the_collapse_is_visible_in_the_report():
