@@ -88,7 +88,7 @@ def ceiling(name: str, weights: Path | None = None) -> dict[str, Any]:
 
 
 def ceilings(weights: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """scatter-linear's features, and each backbone's (name@pool -> its weights file) the pass pretrained."""
+    """scatter-linear's features, and each pretrained front's (model@pool -> its weights file)."""
     return {"scatter-linear": ceiling("scatter-linear"),
             **{name: ceiling(name.split("@")[0], path) for name, path in weights.items()}}
 
