@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import doc_block
 from common import decision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ KINDS = ("federated", "pooled", "local")
 GOAL = {"balanced-accuracy": 0.70, "auc": 0.85}
 PUBLISHED = "centralized ResNet-18 (28), no DP, MedMNIST v2: ACC 0.863, AUC 0.901"
 DOC = ROOT / "docs" / "simulation.md"
-DOC_BEGIN, DOC_END = "<!-- bench/quality.py: begin -->", "<!-- bench/quality.py: end -->"
+DOC_NAME = "bench/quality.py"  # docs/simulation.md's generated block (bench/doc_block.py)
+DOC_BEGIN, DOC_END = doc_block.markers(DOC_NAME)
 
 
 @dataclass(frozen=True)
@@ -444,13 +446,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_doc(results: dict[str, Any], page: Path = DOC) -> Path:
     """Replace the generated block of docs/simulation.md with the table of these results."""
-    text = page.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise SystemExit(f"{page}: no {DOC_BEGIN} ... {DOC_END} block to fill")
-    head, rest = text.split(DOC_BEGIN, 1)
-    _, tail = rest.split(DOC_END, 1)
-    page.write_text(f"{head}{DOC_BEGIN}\n{markdown(results)}\n{DOC_END}{tail}")
-    return page
+    return doc_block.replace(page, DOC_NAME, markdown(results))
 
 
 def main(argv: list[str] | None = None) -> int:

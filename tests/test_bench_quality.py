@@ -178,3 +178,20 @@ def test_the_ceiling_probes_exactly_what_the_head_sees():
     with torch.no_grad():
         expected = model(torch.from_numpy(images)[:, None])
         assert torch.allclose(model.head(torch.from_numpy(features)), expected, atol=1e-6)
+
+
+def test_the_distributed_dp_block_is_generated_from_its_results(tmp_path):
+    """bench/distributed_dp.py --doc: the table and each seed's sigma come from the results, between markers."""
+    from bench import distributed_dp, doc_block
+
+    run = {"balanced-accuracy": 0.7, "auc": 0.8, "sensitivity": 0.5, "specificity": 0.9, "epsilon-max": 7.99}
+    runs = {"local": {"0": run}, "distributed": {"0": {**run, "auc": 0.9, "sigma": 6.377, "sigma-for-q": 1.0,
+                                                       "train-sizes": [30, 40], "batch-size": 1024, "rounds": 100}}}
+    text = distributed_dp.markdown({"runs": runs, "summary": distributed_dp.summarize(runs)})
+    assert "| distributed | 0.700 ± 0.000 | 0.900 ± 0.000 |" in text
+    assert "seed 0: 6.38 for q = 1 (smallest site 30 training images, batch 1024, 100 rounds)" in text
+    page = tmp_path / "secure-aggregation.md"
+    page.write_text("prose\n")
+    with pytest.raises(SystemExit, match=r"no <!-- bench/distributed_dp\.py: begin -->"):
+        doc_block.replace(page, distributed_dp.DOC_NAME, text)
+    assert page.read_text() == "prose\n"  # a page without the markers is left as it was
