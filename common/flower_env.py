@@ -9,7 +9,11 @@ before Flower is imported, and what the user set in the environment wins.
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+import sys
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+
+from common.flower_compat.environment import without_internal
 
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 DEPLOYMENT = {
@@ -26,3 +30,13 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> None:
     """No telemetry, no update check in this process, unless the user's environment says otherwise."""
     for key, value in QUIET.items():
         environ.setdefault(key, value)
+
+
+def command_env(home: Path, extra: Mapping[str, str] | None = None,
+                environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of a Flower command we start: its own FLWR_HOME, the deployment settings, this
+    interpreter's bin first on PATH (Flower's commands live beside it), and none of Flower's internal
+    toggles (common/flower_compat/environment.py), whoever set them."""
+    env = {**without_internal(environ), **DEPLOYMENT, "FLWR_HOME": str(home), **without_internal(extra or {})}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from common import flower_env
 from common.config import to_toml
 from common.errors import ConfigError, FedhospError
 from common.flower_compat import cli_output
@@ -172,7 +173,7 @@ def coordinator_up(opts: ServerOptions, echo: TextIO = sys.stdout) -> Iterator[t
         raise ConfigError(f"--app {opts.app}: no pyproject.toml; point it at the fedhosp source folder")
     opts.flwr_home.mkdir(parents=True, exist_ok=True)
     (opts.flwr_home / "config.toml").write_text(flwr_config(opts))
-    env = processes.flower_env(opts.flwr_home.resolve())
+    env = flower_env.command_env(opts.flwr_home.resolve())
     processes.show_env(env)  # every command below runs with it
     with _children() as children:
         superlink = processes.start("SuperLink", superlink_command(opts), opts.work / "superlink.log", env)

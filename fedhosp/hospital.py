@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from common import flower_compat
+from common import flower_compat, flower_env
 from common.config import DEVICES, to_toml
 from common.errors import ConfigError, FedhospError
 from common.flower_compat import waits as flower_waits
@@ -177,7 +177,7 @@ def plan(opts: ClientOptions, home: Path, warm_dir: Path) -> tuple[dict[str, str
     A `flwr-clientapp` shim in `warm_dir` comes first on the SuperNode's PATH: every task runs behind the
     site's approved-code guard (fedhosp/approved_code.py), forked from the zygote when there is one (a
     workaround: only while `common.flower_compat.enabled()`)."""
-    env = processes.flower_env(home.resolve())
+    env = flower_env.command_env(home.resolve())
     commands: dict[str, list[str]] = {}
     guard = approved_code.arguments(home.resolve(), opts.state_dir, opts.allow_apps)
     warm = opts.warm and flower_compat.enabled()

@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from typing import Any
 
 from common import process_tree
 from common.errors import FedhospError
-from common.flower_compat.environment import without_internal
-from common.flower_env import DEPLOYMENT
 from common.process_tree import Proc, become_subreaper
 
 __all__ = ["become_subreaper"]  # re-exported for the commands that stop their strays
@@ -54,15 +51,6 @@ class Child:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment every Flower command gets: its own FLWR_HOME, no telemetry, no installs, and
-    none of Flower's internal toggles (common/flower_compat/environment.py), whoever set them."""
-    env = {**without_internal(os.environ), **DEPLOYMENT, "FLWR_HOME": str(home), **without_internal(extra or {})}
-    bin_dir = str(Path(sys.executable).parent)  # Flower's commands live beside this interpreter
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return env
 
 
 def show(cmd: Sequence[str]) -> None:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from common import flower_env
-from fedhosp import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 SETS = re.compile(r"\bFLWR_[A-Z_]+\s*[:=]|[\"']FLWR_(TELEMETRY|DISABLE|SUPEREXEC)[A-Z_]*[\"']")
@@ -26,7 +25,7 @@ def test_the_fedhosp_command_quiets_flower_before_anything_else_and_the_user_can
 
 
 def test_every_flower_process_we_start_gets_the_deployment_settings(tmp_path):
-    env = processes.flower_env(tmp_path)
+    env = flower_env.command_env(tmp_path)
     assert {k: env[k] for k in flower_env.DEPLOYMENT} == flower_env.DEPLOYMENT and env["FLWR_HOME"] == str(tmp_path)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common import flower_env
 from common.errors import ConfigError
 from fedhosp import certs, coordinator, fleet_proxy, processes, site_tunnel
 from tests.fedhosp import provision
@@ -104,7 +105,7 @@ def test_registering_a_node_through_the_hospitals_address_fails(link):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "127.0.0.1:{link["fleet"]}"\n'
         f'root-certificates = "{link["ca"]}"\n')
-    env = processes.flower_env(home)
+    env = flower_env.command_env(home)
     done = subprocess.run(["flwr", "supernode", "register", str(rogue_pub), "x"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0
@@ -237,7 +238,7 @@ def test_a_plaintext_or_ca_less_supernode_is_refused(link, tmp_path):
     for args in (["--insecure"], key):
         cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{link['fleet']}", *args, "--max-retries", "1",
                "--port", str(processes.free_port())]
-        code, output = _contained(cmd, processes.flower_env(tmp_path / "home"))
+        code, output = _contained(cmd, flower_env.command_env(tmp_path / "home"))
         assert code != 0, args
         assert "Exit Code: 305" in output, args  # Flower: could not connect to the SuperLink
     listed = subprocess.run(["flwr", "supernode", "ls", "--format", "json"], env=link["env"], capture_output=True,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from common import process_tree
+from common import flower_env, process_tree
 from common.data.synthetic import write_hospitals
 from fedhosp import certs, processes
 from server import checkpoint, runlog
@@ -88,7 +88,7 @@ def _refused_without_a_certificate(base, fleet, env):
            str(base / "certs" / "ca.crt"), "--auth-supernode-private-key", str(base / "hosp-a" / "hosp-a.key"),
            "--max-retries", "1", "--port", str(processes.free_port())]
     done = subprocess.run([sys.executable, "-c", provision.CONTAIN, *cmd],
-                          env=processes.flower_env(base / "alone", env), capture_output=True, text=True, timeout=180)
+                          env=flower_env.command_env(base / "alone", env), capture_output=True, text=True, timeout=180)
     assert done.returncode != 0 and "Exit Code: 305" in done.stdout + done.stderr, (done.stdout + done.stderr)[-2000:]
 
 
