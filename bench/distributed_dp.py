@@ -100,14 +100,9 @@ def run(kind: str, seed: int, rounds: int, lr: float, batch_size: int, work: Pat
 
 
 def _score(cfg, out: Path) -> dict[str, Any]:
-    """bench/quality.py's scoring of the final model (its model, with its card's threshold where quality.py
-    reads one: that helper's functions are another change's, so both of their forms are taken)."""
-    made = quality._final_model(cfg, out)
-    test = quality._test_set(cfg, out)
-    if isinstance(made, tuple):
-        model, threshold = made
-        return quality._report(model, test, threshold)
-    return quality._report(made, test)
+    """bench/quality.py's scoring of the final model, at its model card's threshold and at 0.5."""
+    model, threshold = quality._final_model(cfg, out)
+    return quality._report(model, quality._test_set(cfg, out), threshold)
 
 
 def _clipped(cfg) -> int:

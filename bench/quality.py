@@ -188,11 +188,11 @@ def _baselines(cfg, sites: list, test) -> dict[str, Any]:
     from simulation import baselines
 
     pooled_model, pooled_eps = baselines.fit(cfg, ConcatDataset([s.data()[0] for s in sites]), "pooled")
-    pooled_t = baselines._aggregate([baselines._site_scores(s, pooled_model) for s in sites]).get("threshold")
+    pooled_t = baselines.pooled_scores([baselines.site_scores(s, pooled_model) for s in sites]).get("threshold")
     local = []
     for i, site in enumerate(sites):
         model = baselines.fit(cfg, site.data()[0], f"local:{i}")[0]
-        own = decision.summarise(baselines._site_scores(site, model)).get("threshold")
+        own = decision.summarise(baselines.site_scores(site, model)).get("threshold")
         local.append(_report(model, test, own, _channels(cfg)))
     return {
         "pooled": {**_report(pooled_model, test, pooled_t, _channels(cfg)), "epsilon": pooled_eps},

@@ -35,12 +35,12 @@ def round_seconds(root: Path, out: Path, sites: int, rounds: int, **settings: An
     return [float(r["seconds"]) for r in runlog.read(out / runlog.RUN_LOG)]
 
 
-def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """bench/table.py's rows for this section."""
-    return [("secagg", f"SecAgg+ round / plain round ({r['sites']} sites, {r['model']}, in-process)",
+def rows(r: dict[str, Any], where: str = "in-process", timed: str = "round wall time (s): plain, SecAgg+"
+         ) -> list[tuple[str, str, str, str, str]]:
+    """bench/table.py's rows for this section (bench/secagg_deployment.py's too: the same ratio, elsewhere)."""
+    return [("secagg", f"SecAgg+ round / plain round ({r['sites']} sites, {r['model']}, {where})",
              f"{r['ratio']:.2f}x", "", ""),
-            ("secagg", "round wall time (s): plain, SecAgg+",
-             f"{r['plain_round_s']:.2f}, {r['secagg_round_s']:.2f}", "", "")]
+            ("secagg", timed, f"{r['plain_round_s']:.2f}, {r['secagg_round_s']:.2f}", "", "")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -70,11 +70,11 @@ def measure(root: Path, sites: int, rounds: int, images: int) -> dict[str, Any]:
 
 
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """bench/table.py's rows for this section."""
-    return [("secagg", f"SecAgg+ round / plain round ({r['sites']} sites, {r['model']}, deployment: TLS, mTLS, "
-                       "node auth)", f"{r['ratio']:.2f}x", "", ""),
-            ("secagg", "deployment round wall time (s): plain, SecAgg+ (steady median)",
-             f"{r['plain_round_s']:.2f}, {r['secagg_round_s']:.2f}", "", "")]
+    """bench/table.py's rows for this section: bench/secagg.py's, for a deployment."""
+    from bench import secagg
+
+    return secagg.rows(r, "deployment: TLS, mTLS, node auth",
+                       "deployment round wall time (s): plain, SecAgg+ (steady median)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

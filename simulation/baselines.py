@@ -48,12 +48,12 @@ def pooled(cfg: RunConfig, sites: list[Site], test: TestSet | None) -> dict[str,
     started = time.monotonic()
     train_set = ConcatDataset([s.data()[0] for s in sites])
     model, epsilon = fit(cfg, train_set, "pooled")
-    per_site = [_site_scores(s, model) for s in sites]
+    per_site = [site_scores(s, model) for s in sites]
     result = {
         "epochs": cfg.num_server_rounds * cfg.local_epochs,
         "train-examples": len(train_set),
         "epsilon": epsilon,
-        "sites": _aggregate(per_site),
+        "sites": pooled_scores(per_site),
         "per-site": [{"site": site_name(i), **_shown(m)} for i, m in enumerate(per_site)],
         "test": _test(central.evaluate(model, test, cfg.task, _channels(cfg))) if test is not None else None,
     }
@@ -66,14 +66,14 @@ def local(cfg: RunConfig, sites: list[Site], test: TestSet | None) -> dict[str, 
     per_site, tests, epsilons = [], [], []
     for i, site in enumerate(sites):
         model, epsilon = fit(cfg, site.data()[0], f"local:{i}")
-        per_site.append(_site_scores(site, model))
+        per_site.append(site_scores(site, model))
         epsilons.append(epsilon)
         if test is not None:
             tests.append(_test(central.evaluate(model, test, cfg.task, _channels(cfg))))
     result: dict[str, Any] = {
         "epochs": cfg.num_server_rounds * cfg.local_epochs,
         "epsilon-max": max(epsilons) if cfg.dp_enabled else None,
-        "sites": _aggregate(per_site),
+        "sites": pooled_scores(per_site),
         "per-site": [{"site": site_name(i), **_shown(m)} for i, m in enumerate(per_site)],
         "test": _mean(tests) if tests else None,
         "test-per-site": [{"site": site_name(i), **t} for i, t in enumerate(tests)],
@@ -122,13 +122,13 @@ def _channels(cfg: RunConfig) -> int:
     return input_channels(cfg.task, cfg.model, cfg.channels)
 
 
-def _site_scores(site: Site, model: torch.nn.Module) -> dict[str, Any]:
+def site_scores(site: Site, model: torch.nn.Module) -> dict[str, Any]:
     """What the site would reply for this model: its validation split, scored by its own code."""
     plain = replace(site, run=replace(site.run, local_norm=False, fine_tune_epochs=0))
     return plain.evaluate(to_record(model))
 
 
-def _aggregate(per_site: list[dict[str, Any]]) -> dict[str, Any]:
+def pooled_scores(per_site: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregated with the server's own metric aggregation, as the federation's evaluate replies are
     (two classes: the sites' confusion counts pooled, and the threshold chosen there, common/decision.py)."""
     merged = decision.summarise(aggregate_metrics([RecordDict({"metrics": MetricRecord(m)}) for m in per_site]),

@@ -72,7 +72,7 @@ def test_baselines_pool_the_sites_confusion_grids_as_the_server_does():
     replies = [SitePolicy().rounded({"num-examples": len(y), "site-weight": 1, "loss": 0.5,
                                      "accuracy": metrics.accuracy(y, p), "auc": 0.8, "auc-weight": len(y),
                                      **decision.confusion_rates(y, p)}) for y, p in sites]
-    pooled = baselines._aggregate(replies)
+    pooled = baselines.pooled_scores(replies)
     labels, probs = np.concatenate([s[0] for s in sites]), np.concatenate([s[1] for s in sites])
     assert (pooled["balanced-accuracy"], pooled["sensitivity"], pooled["specificity"]) == (0.5, 0.0, 1.0)
     assert pooled["threshold"] == decision.choose(decision.counts(labels, probs))
